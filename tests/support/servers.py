@@ -47,7 +47,8 @@ def require_binary(name: str) -> str:
     return path
 
 
-def wait_for_port(port: int, timeout: float = START_TIMEOUT, process: subprocess.Popen | None = None,
+def wait_for_port(port: int, timeout: float = START_TIMEOUT,
+                  process: subprocess.Popen | None = None,
                   log_path: Path | None = None) -> None:
     """Wait until something accepts TCP connections on 127.0.0.1:``port``.
 
@@ -66,7 +67,9 @@ def wait_for_port(port: int, timeout: float = START_TIMEOUT, process: subprocess
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listened on 127.0.0.1:{port} after {timeout} s{_log_tail(log_path)}")
+    raise RuntimeError(
+        f"nothing listened on 127.0.0.1:{port} after {timeout} s{_log_tail(log_path)}"
+    )
 
 
 def _log_tail(log_path: Path | None, lines: int = 40) -> str:
@@ -282,7 +285,9 @@ class TwistdProcess:
                 return  # Any HTTP answer means it listens.
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"{url} did not answer after {START_TIMEOUT} s{_log_tail(self.log_path)}")
+        raise RuntimeError(
+            f"{url} did not answer after {START_TIMEOUT} s{_log_tail(self.log_path)}"
+        )
 
     def stop(self) -> int | None:
         """Send SIGTERM, wait for the exit, and return the exit code."""
