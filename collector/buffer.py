@@ -1,0 +1,110 @@
+"""The per-process delta buffer between recording calls and the flusher.
+
+Recording calls add to plain dicts keyed by ``(family name, label values)``, so the cost
+of a call is one dict update. The flusher swaps the dicts out with :meth:`DeltaBuffer.swap`
+and ships their contents as one :class:`Batch`.
+
+The buffer has no lock: recording calls and :meth:`DeltaBuffer.swap` must all run on the
+reactor thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Batch", "DeltaBuffer", "HistogramDelta", "SeriesKey"]
+
+SeriesKey = tuple[str, tuple[str, ...]]
+"""A series: the family name and its label values in definition order."""
+
+
+class HistogramDelta:
+    """Observations of one histogram series since the last swap.
+
+    :ivar buckets: observation counts per bucket index (not cumulative); the last index is
+        the ``+Inf`` bucket.
+    :ivar sum: the sum of the observed values.
+    """
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self, bucket_count: int) -> None:
+        self.buckets = [0] * bucket_count
+        self.sum = 0.0
+
+    @property
+    def count(self) -> int:
+        """The number of observations."""
+        return sum(self.buckets)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The deltas of one flush, applied to the store at most once.
+
+    :ivar writer: the writer id, ``host:pid:boot id``.
+    :ivar sequence: increases by one per batch of this writer; the store applies a batch
+        only when its sequence is greater than the last one it applied for ``writer``.
+    :ivar created: when the batch was cut from the buffer, in seconds since the epoch of
+        the writer's clock; gauge values carry this timestamp.
+    :ivar counters: counter increments per series.
+    :ivar histograms: bucket counts and sums per series.
+    :ivar gauges: the current value of every gauge series of this writer.
+    :ivar retire: when true the store removes this writer's gauges and heartbeat after
+        applying the deltas; set on the last batch of a clean stop.
+    """
+
+    writer: str
+    sequence: int
+    created: float
+    counters: dict[SeriesKey, float] = field(default_factory=dict)
+    histograms: dict[SeriesKey, HistogramDelta] = field(default_factory=dict)
+    gauges: dict[SeriesKey, float] = field(default_factory=dict)
+    retire: bool = False
+
+    def series_count(self) -> int:
+        """Return the number of series in this batch."""
+        return len(self.counters) + len(self.histograms) + len(self.gauges)
+
+
+class DeltaBuffer:
+    """Counter and histogram deltas since the last swap, and the current gauge values.
+
+    :ivar counters: counter increments per series.
+    :ivar histograms: histogram observations per series.
+    :ivar gauges: the current value of each gauge series; unlike the deltas, gauges are
+        kept across swaps so that every batch carries the full gauge state.
+    """
+
+    __slots__ = ("counters", "histograms", "gauges")
+
+    def __init__(self) -> None:
+        self.counters: dict[SeriesKey, float] = {}
+        self.histograms: dict[SeriesKey, HistogramDelta] = {}
+        self.gauges: dict[SeriesKey, float] = {}
+
+    def swap(self, writer: str, sequence: int, created: float, retire: bool = False) -> Batch:
+        """Move the deltas into a new :class:`Batch` and start fresh ones.
+
+        The batch gets a copy of the gauge values; the buffer keeps them.
+        """
+        batch = Batch(
+            writer=writer,
+            sequence=sequence,
+            created=created,
+            counters=self.counters,
+            histograms=self.histograms,
+            gauges=dict(self.gauges),
+            retire=retire,
+        )
+        self.counters = {}
+        self.histograms = {}
+        return batch
+
+    def series_count(self) -> int:
+        """Return the number of series with deltas or gauge values."""
+        return len(self.counters) + len(self.histograms) + len(self.gauges)
+
+    def delta_count(self) -> int:
+        """Return the number of counter and histogram series with deltas."""
+        return len(self.counters) + len(self.histograms)

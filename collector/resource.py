@@ -1,0 +1,176 @@
+"""Twisted resources: ``/metrics`` (Prometheus exposition) and ``/healthz``.
+
+``/metrics`` negotiates the format from ``Accept`` the way prometheus_client's own HTTP
+handlers do (text 0.0.4 by default, text 1.0.0, OpenMetrics), compresses with gzip when
+``Accept-Encoding`` allows it and honours ``name[]`` query parameters. Collection blocks on
+the store, so it runs in a thread; a collection that takes longer than the timeout gets a
+503 answer.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from collector.flusher import RunInThread
+
+__all__ = ["HealthResource", "MetricsResource", "metrics_root"]
+
+
+class _NameFilter:
+    """A registry view with only the samples named in ``name[]``, as prometheus_client does."""
+
+    def __init__(self, registry: Collector, names: Sequence[str]) -> None:
+        self._registry = registry
+        self._names = set(names)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            samples = [sample for sample in family.samples if sample.name in self._names]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
+
+
+class MetricsResource(Resource):
+    """Serve the metrics of ``registry`` in the format the client accepts.
+
+    :param registry: what to expose, usually a fresh ``CollectorRegistry`` holding one
+        :class:`~collector.collector.RedisCollector`.
+    :param clock: schedules the timeout.
+    :param run_in_thread: runs the blocking collection off the reactor thread.
+    :param timeout: seconds a collection may take before the answer is 503; default 10.
+    :param on_timeout: called on the reactor thread after each timeout, e.g.
+        ``RedisCollector.record_timeout``.
+
+    Note: a timed-out collection keeps running in its thread until the store answers or
+    its client times out; only the response is given up.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        registry: Collector,
+        clock: IReactorTime,
+        run_in_thread: RunInThread,
+        timeout: float = 10.0,
+        on_timeout: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        if not timeout > 0:
+            raise ValueError(f"scrape timeout {timeout!r} is invalid; give seconds > 0")
+        self.registry = registry
+        self.clock = clock
+        self.timeout = timeout
+        self._run_in_thread = run_in_thread
+        self._on_timeout = on_timeout
+
+    def render_GET(self, request: Request) -> object:
+        accept = _header(request, b"accept")
+        accept_encoding = _header(request, b"accept-encoding")
+        names = [name.decode("utf-8", "replace") for name in request.args.get(b"name[]", [])]
+
+        rendering = self._run_in_thread(self._render, accept, accept_encoding, names)
+        rendering.addTimeout(self.timeout, self.clock)
+        finished = False
+
+        def client_gone(_: object) -> None:
+            if not finished:
+                rendering.cancel()
+
+        request.notifyFinish().addErrback(client_gone)
+
+        def respond(result: tuple[str, bytes, bool]) -> None:
+            nonlocal finished
+            finished = True
+            content_type, body, compressed = result
+            request.setHeader(b"content-type", content_type.encode("ascii"))
+            if compressed:
+                request.setHeader(b"content-encoding", b"gzip")
+            request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+            request.write(body)
+            request.finish()
+
+        def fail(failure: Failure) -> None:
+            nonlocal finished
+            if finished or request._disconnected:
+                return
+            finished = True
+            if failure.check(TimeoutError):
+                self._log.warn(
+                    "Metrics collection timed out after {timeout} s; answering 503",
+                    timeout=self.timeout,
+                )
+                if self._on_timeout is not None:
+                    self._on_timeout()
+                _plain(
+                    request,
+                    503,
+                    f"metrics collection timed out after {self.timeout} s; "
+                    "check that the metrics Redis is reachable and not overloaded\n",
+                )
+            elif failure.check(CancelledError):
+                return
+            else:
+                self._log.failure("BUG: metrics collection failed", failure)
+                _plain(request, 500, "metrics collection failed; see the server log\n")
+
+        rendering.addCallbacks(respond, fail)
+        rendering.addErrback(lambda failure: self._log.failure("BUG: could not respond", failure))
+        return NOT_DONE_YET
+
+    def _render(
+        self, accept: str, accept_encoding: str, names: Sequence[str]
+    ) -> tuple[str, bytes, bool]:
+        # Runs in a thread.
+        encoder, content_type = choose_encoder(accept)
+        registry: Collector = _NameFilter(self.registry, names) if names else self.registry
+        body = encoder(registry)
+        if gzip_accepted(accept_encoding):
+            return content_type, gzip.compress(body), True
+        return content_type, body, False
+
+
+class HealthResource(Resource):
+    """Answer 200 ``ok``: the process is up and serving HTTP. It reads no store."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+
+def metrics_root(metrics: Resource) -> Resource:
+    """Return a root resource with ``/metrics`` and ``/healthz``."""
+    root = Resource()
+    root.putChild(b"metrics", IResource(metrics))
+    root.putChild(b"healthz", IResource(HealthResource()))
+    return root
+
+
+def _header(request: Request, name: bytes) -> str:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value else ""
+
+
+def _plain(request: Request, code: int, message: str) -> None:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.write(message.encode("utf-8"))
+    request.finish()
+
+
