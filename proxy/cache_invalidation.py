@@ -1,0 +1,328 @@
+"""
+Fleet-wide invalidation of cached objects over Redis pub/sub.
+
+Every proxy publishes the keys that a write changes on the channel
+``{<namespace>}:cache:invalidate`` and every proxy with the cache enabled subscribes to it. A
+message is JSON::
+
+    {"origin": "<sender id>", "bucket": "photos", "keys": ["a.jpg", "b.jpg"]}
+
+The subscriber runs in its own thread (redis-py blocks) and hands everything to the reactor thread
+with ``callFromThread``. The listener (the cache) learns three things:
+
+- ``subscription_ready()``: the subscription is confirmed, so from now on no invalidation can be
+  missed. Sent again after every reconnect.
+- ``subscription_lost(reason)``: invalidations may have been missed from this point on.
+- ``invalidation_received(bucket, keys)``: another proxy changed these keys.
+
+Limitations:
+
+- A message published while this proxy is not subscribed is lost. The listener must treat every
+  ``subscription_lost()`` as "anything cached may be stale".
+- A publish that fails (Redis down or unreachable from the writer only) is logged and dropped.
+  Proxies that still hold their subscription keep their entries for those keys until ``ttl``
+  expires.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = [
+    "InvalidationBus",
+    "InvalidationListener",
+    "LocalInvalidationBus",
+    "RedisInvalidationBus",
+    "decode_message",
+    "encode_message",
+    "invalidation_channel",
+]
+
+T = TypeVar("T")
+
+RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+"""Run a blocking callable off the reactor thread; the Deferred fires with its result."""
+
+
+def invalidation_channel(namespace: str) -> str:
+    """Return the pub/sub channel of a deployment, inside its ``{namespace}`` hash tag."""
+    return f"{{{namespace}}}:cache:invalidate"
+
+
+def encode_message(origin: str, bucket: str, keys: Sequence[str]) -> bytes:
+    """Encode one invalidation message as UTF-8 JSON."""
+    return json.dumps({"origin": origin, "bucket": bucket, "keys": list(keys)}).encode("utf-8")
+
+
+def decode_message(payload: bytes) -> tuple[str, str, list[str]]:
+    """
+    Decode an invalidation message into (origin, bucket, keys).
+
+    :raises ValueError: the payload is not a well-formed invalidation message.
+    """
+    try:
+        document = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"invalidation message {payload[:80]!r} is not JSON: {err}") from err
+    if not isinstance(document, dict):
+        raise ValueError(f"invalidation message {payload[:80]!r} is not a JSON object")
+    origin = document.get("origin")
+    bucket = document.get("bucket")
+    keys = document.get("keys")
+    if not isinstance(origin, str) or not isinstance(bucket, str) or not isinstance(keys, list):
+        raise ValueError(
+            f"invalidation message {payload[:80]!r} lacks string 'origin', string 'bucket'"
+            " or list 'keys'"
+        )
+    if not all(isinstance(key, str) for key in keys):
+        raise ValueError(f"invalidation message {payload[:80]!r} has a non-string key")
+    return origin, bucket, keys
+
+
+class InvalidationListener(Protocol):
+    """The receiving side of an invalidation bus; every method runs on the reactor thread."""
+
+    def subscription_ready(self) -> None:
+        """Start trusting the cache: the subscription is confirmed."""
+
+    def subscription_lost(self, reason: str) -> None:
+        """Stop trusting the cache: invalidations may be missed from now on."""
+
+    def invalidation_received(self, bucket: str, keys: Sequence[str]) -> None:
+        """Evict the given keys of ``bucket``, which another proxy changed."""
+
+
+class InvalidationBus(Protocol):
+    """Carries invalidations between the proxies of one deployment."""
+
+    def publish(self, bucket: str, keys: Sequence[str]) -> Deferred[None]:
+        """
+        Tell the other proxies that ``keys`` of ``bucket`` changed.
+
+        The Deferred fires with None once the message is handed to Redis or the attempt
+        failed (failures are logged, never raised), so a caller may wait on it safely.
+        """
+
+    def subscribe(self, listener: InvalidationListener) -> None:
+        """Start delivering subscription state and invalidations to ``listener``."""
+
+    def close(self) -> Deferred[None]:
+        """Stop the subscription; the Deferred fires when its thread has ended."""
+
+
+class LocalInvalidationBus:
+    """The bus of a single process without Redis: nothing to publish, always subscribed."""
+
+    def publish(self, bucket: str, keys: Sequence[str]) -> Deferred[None]:
+        """Do nothing: the local eviction already happened."""
+        return succeed(None)
+
+    def subscribe(self, listener: InvalidationListener) -> None:
+        """Report the subscription as ready at once."""
+        listener.subscription_ready()
+
+    def close(self) -> Deferred[None]:
+        """Do nothing."""
+        return succeed(None)
+
+
+class RedisInvalidationBus:
+    """
+    Invalidation over Redis pub/sub: publishes through a thread pool, subscribes in a thread.
+
+    :param client_factory: returns a new ``redis.Redis``; called once for publishing and once per
+        subscription attempt. Use :meth:`from_url` for the production settings.
+    :param channel: the pub/sub channel, see :func:`invalidation_channel`.
+    :param origin: the id of this process; messages with this origin are ignored because the
+        local eviction already happened.
+    :param reactor: delivers to the listener with ``callFromThread``.
+    :param run_in_thread: runs a blocking publish; defaults to the reactor's thread pool.
+    :param ping_interval: seconds between PINGs on an idle subscription. A subscription that
+        returns nothing, not even the PONG, for three intervals counts as lost.
+    :param max_backoff: upper bound in seconds of the delay between subscription attempts,
+        which starts at 0.1 s and doubles.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        client_factory: Callable[[], redis.Redis],
+        channel: str,
+        origin: str,
+        reactor: IReactorFromThreads,
+        run_in_thread: RunInThread | None = None,
+        ping_interval: float = 5.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if ping_interval <= 0:
+            raise ValueError(f"ping_interval {ping_interval!r} is invalid; it must be > 0 seconds")
+        self._client_factory = client_factory
+        self._channel = channel
+        self._origin = origin
+        self._reactor = reactor
+        self._run_in_thread = run_in_thread or self._default_run_in_thread
+        self._ping_interval = ping_interval
+        self._max_backoff = max_backoff
+        self._publisher: redis.Redis | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_url(
+        cls, redis_url: str, namespace: str, origin: str, reactor: IReactorFromThreads
+    ) -> RedisInvalidationBus:
+        """
+        Build the bus for ``redis_url`` with the channel of ``namespace``.
+
+        The subscriber's client never retries by itself: redis-py would reconnect and
+        resubscribe silently, and a gap in the subscription must always reach the listener.
+        """
+
+        def client_factory() -> redis.Redis:
+            return redis.Redis.from_url(
+                redis_url,
+                socket_connect_timeout=2.0,
+                socket_timeout=5.0,
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),
+            )
+
+        return cls(client_factory, invalidation_channel(namespace), origin, reactor)
+
+    def _default_run_in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
+        # Every real reactor also provides IReactorThreads.getThreadPool.
+        pool = self._reactor.getThreadPool()
+        return threads.deferToThreadPool(self._reactor, pool, work)
+
+    # Publishing.
+
+    def publish(self, bucket: str, keys: Sequence[str]) -> Deferred[None]:
+        """
+        Publish one message for ``keys`` of ``bucket`` from a pool thread.
+
+        The Deferred fires with None when Redis accepted the message or the publish failed; a
+        failure is logged with the bucket and the number of keys.
+        """
+        payload = encode_message(self._origin, bucket, keys)
+
+        def send() -> int:
+            if self._publisher is None:
+                self._publisher = self._client_factory()
+            return int(self._publisher.publish(self._channel, payload))
+
+        def failed(failure: Failure) -> None:
+            self._log.warn(
+                "Publishing a cache invalidation for {count} key(s) of bucket {bucket!r} on"
+                " {channel} failed: {error}; other proxies keep their entries for these keys"
+                " until the cache ttl expires",
+                count=len(keys),
+                bucket=bucket,
+                channel=self._channel,
+                error=failure.getErrorMessage(),
+            )
+
+        published: Deferred[Any] = self._run_in_thread(send)
+        published.addCallbacks(lambda _receivers: None, failed)
+        return published
+
+    # Subscribing.
+
+    def subscribe(self, listener: InvalidationListener) -> None:
+        """Start the subscriber thread; it runs until :meth:`close`."""
+        if self._thread is not None:
+            raise RuntimeError(f"the subscriber of {self._channel} is already running")
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(listener,),
+            name=f"cache-invalidation {self._channel}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> Deferred[None]:
+        """Stop the subscriber thread; the Deferred fires once it has ended."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is None:
+            return succeed(None)
+        self._thread = None
+        return self._run_in_thread(lambda: thread.join(timeout=10.0))
+
+    def _run(self, listener: InvalidationListener) -> None:
+        """Subscribe, deliver, and on any error report the loss and try again (runs in a thread)."""
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                self._listen(listener)
+            except (redis.RedisError, OSError) as err:
+                if self._stopping.is_set():
+                    break
+                self._reactor.callFromThread(listener.subscription_lost, str(err))
+                self._log.warn(
+                    "Cache invalidation subscription to {channel} lost: {error}; the cache is"
+                    " emptied and stays off until the subscription is back, next attempt in"
+                    " {delay:.1f} s",
+                    channel=self._channel,
+                    error=str(err),
+                    delay=delay,
+                )
+            self._stopping.wait(delay)
+            delay = min(delay * 2, self._max_backoff)
+
+    def _listen(self, listener: InvalidationListener) -> None:
+        """Hold one subscription until it fails or the bus closes (runs in a thread)."""
+        client = self._client_factory()
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(self._channel)
+            # time.monotonic measures silence on the socket; this thread has no reactor clock.
+            last_received = last_ping = time.monotonic()
+            while not self._stopping.is_set():
+                message = pubsub.get_message(timeout=min(1.0, self._ping_interval))
+                now = time.monotonic()
+                if message is not None:
+                    last_received = now
+                    self._dispatch(listener, message)
+                elif now - last_received > 3 * self._ping_interval:
+                    raise redis.ConnectionError(
+                        f"no reply on the subscription for {now - last_received:.1f} s"
+                    )
+                if now - last_ping >= self._ping_interval:
+                    pubsub.ping()
+                    last_ping = now
+        finally:
+            pubsub.close()
+            client.close()
+
+    def _dispatch(self, listener: InvalidationListener, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "subscribe":
+            self._log.info(
+                "Cache invalidation subscription to {channel} ready", channel=self._channel
+            )
+            self._reactor.callFromThread(listener.subscription_ready)
+        elif kind == "message":
+            try:
+                origin, bucket, keys = decode_message(message["data"])
+            except ValueError as err:
+                # The keys it names are unknown, so nothing cached can be trusted.
+                self._log.error("{error}; emptying the cache", error=str(err))
+                self._reactor.callFromThread(listener.subscription_lost, str(err))
+                self._reactor.callFromThread(listener.subscription_ready)
+                return
+            if origin != self._origin:
+                self._reactor.callFromThread(listener.invalidation_received, bucket, keys)
