@@ -9,7 +9,9 @@ import pytest
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
-from proxy.backends import BackendState, RetryBudget, StatusResource
+from collector.buffer import DeltaBuffer
+from collector.metrics import Metrics
+from proxy.backends import BackendManager, BackendState, RetryBudget, StatusResource
 from tests.support.backends import FakeProbe, Harness, backend, make_manager
 
 UP, PROBING, DOWN = BackendState.UP, BackendState.PROBING, BackendState.DOWN
@@ -492,3 +494,18 @@ def test_fake_probe_default() -> None:
     """The fake probe answers healthy unless told otherwise (guards the other tests)."""
     probe = FakeProbe()
     assert probe(backend("a")).called
+
+
+def test_real_metrics_gauge() -> None:
+    """With collector's Metrics the gauge series of each backend holds its state value."""
+    buffer = DeltaBuffer()
+    h = make_manager()
+    manager = BackendManager(
+        [backend("a"), backend("b")], h.manager.health, "failover", Metrics(buffer), h.clock,
+        h.probe,
+    )
+    manager.startService()
+    for _ in range(3):
+        manager.report("b", "failure", "HTTP 500")
+    assert buffer.gauges[("s3proxy_backend_state", ("a",))] == 1.0
+    assert buffer.gauges[("s3proxy_backend_state", ("b",))] == 0.0
