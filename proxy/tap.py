@@ -1,0 +1,118 @@
+"""
+Options and service for C{twistd s3proxy}.
+
+C{makeService} builds one C{MultiService} holding the metrics flusher, the S3 listener, the
+C{/metrics} listener (unless turned off with C{[metrics] listen = ""}) and the backend
+connection pool. An invalid configuration raises C{usage.UsageError} from
+L{Options.postOptions}, so twistd prints the message and exits non-zero before listening.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from proxy.config import Config, ConfigError, load_config
+from proxy.forward import Forwarder, make_agent
+from proxy.gateway import Gateway, GatewayFactory, StaticBackendPool
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """Command-line options of C{twistd s3proxy}; they override the configuration file."""
+
+    optParameters = [
+        ["config", "c", None, "Path of the TOML configuration file (required)."],
+        ["listen", None, None, "S3 listener endpoint description; overrides [server] listen."],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "/metrics endpoint description, or '' for none; overrides [metrics] listen.",
+        ],
+        [
+            "redis-url",
+            None,
+            None,
+            "Redis URL of the shared metrics store; overrides [metrics] redis_url.",
+        ],
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config is missing; pass the path of the TOML file")
+        overrides = {
+            "server.listen": self["listen"],
+            "metrics.listen": self["metrics-listen"],
+            "metrics.redis_url": self["redis-url"],
+        }
+        try:
+            self.config = load_config(self["config"], overrides)
+        except ConfigError as err:
+            raise usage.UsageError(f"invalid configuration: {err}") from err
+
+
+class _ConnectionPoolService(Service):
+    """Closes the cached backend connections when the application stops."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._pool.closeCachedConnections()
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """
+    Build the service tree of one proxy process.
+
+    @param reactor: the reactor; the global one when L{None}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    # The collector package is imported here, so that `twistd --help` works without it.
+    from collector import open_monitoring
+
+    config = options.config
+    root = MultiService()
+
+    monitoring = open_monitoring(
+        redis_url=config.metrics.redis_url,
+        namespace=config.metrics.namespace,
+        flush_interval=config.metrics.flush_interval,
+        reactor=reactor,
+    )
+    monitoring.service.setServiceParent(root)
+
+    agent, pool = make_agent(reactor, config.server.connect_timeout)
+    _ConnectionPoolService(pool).setServiceParent(root)
+    forwarder = Forwarder(agent, reactor, config.server.request_timeout)
+    gateway = Gateway(
+        config,
+        monitoring.metrics,
+        forwarder,
+        StaticBackendPool(config.backends),
+        reactor,
+    )
+    gateway_factory: Any = GatewayFactory(gateway)
+    strports.service(config.server.listen, gateway_factory).setServiceParent(root)
+
+    if config.metrics.listen:
+        metrics_root = Resource()
+        metrics_resource: Any = monitoring.resource
+        metrics_root.putChild(b"metrics", metrics_resource)
+        site: Any = Site(metrics_root)
+        strports.service(config.metrics.listen, site).setServiceParent(root)
+    return root
