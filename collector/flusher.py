@@ -173,7 +173,7 @@ class Flusher(Service):
             return succeed(False)
 
         result: Deferred[bool] = shipped.addCallbacks(
-            self._shipped, self._failed, callbackArgs=(batch,)
+            self._shipped, self._failed, callbackArgs=(batch,), errbackArgs=(batch,)
         )
         self._in_flight = result
         result.addBoth(self._clear_in_flight)

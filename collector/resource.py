@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -88,13 +88,17 @@ class MetricsResource(Resource):
         finished = False
 
         def client_gone(_: object) -> None:
+            nonlocal finished
             if not finished:
+                finished = True
                 rendering.cancel()
 
         request.notifyFinish().addErrback(client_gone)
 
         def respond(result: tuple[str, bytes, bool]) -> None:
             nonlocal finished
+            if finished:
+                return
             finished = True
             content_type, body, compressed = result
             request.setHeader(b"content-type", content_type.encode("ascii"))
@@ -106,7 +110,7 @@ class MetricsResource(Resource):
 
         def fail(failure: Failure) -> None:
             nonlocal finished
-            if finished or request._disconnected:
+            if finished:
                 return
             finished = True
             if failure.check(TimeoutError):
@@ -122,8 +126,6 @@ class MetricsResource(Resource):
                     f"metrics collection timed out after {self.timeout} s; "
                     "check that the metrics Redis is reachable and not overloaded\n",
                 )
-            elif failure.check(CancelledError):
-                return
             else:
                 self._log.failure("BUG: metrics collection failed", failure)
                 _plain(request, 500, "metrics collection failed; see the server log\n")

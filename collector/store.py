@@ -193,6 +193,11 @@ def open_redis(url: str, timeout: float = 5.0) -> redis.Redis:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("the scheme must be redis://, rediss:// or unix://")
+        if parts.scheme != "unix":
+            database = parts.path.lstrip("/")
+            if database and not database.isdigit():
+                raise ValueError(f"the database {database!r} is not a number")
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     except (ValueError, TypeError) as err:
         reason = str(err)
