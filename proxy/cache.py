@@ -878,23 +878,24 @@ class ObjectCache(Service):
             return succeed(self._miss(shape, storing=True, flight=flight))
         return succeed(self._miss(shape, storing=True))
 
-    def serve(self, hit: Hit, request: WebRequest) -> int:
+    def render(self, hit: Hit) -> tuple[int, list[tuple[bytes, list[bytes]]], bytes]:
         """
-        Write a hit as the complete response to ``request`` and finish it.
+        Build the status, headers and body of a hit.
 
-        :return: the HTTP status sent, for the request metrics.
+        The body is the full representation for 200 and 206 even for HEAD, so that a writer
+        that sets ``Content-Length`` from it sends the object's length; Twisted drops the body
+        of a HEAD response. A 304 has an empty body and no ``Content-Length``.
         """
         entry = hit.entry
-        headers = request.responseHeaders
+        headers: dict[bytes, list[bytes]] = {}
         if hit.status in (200, 206):
             for name, value in entry.headers:
-                headers.addRawHeader(name, value)
-            headers.setRawHeaders(b"accept-ranges", [b"bytes"])
+                headers.setdefault(name, []).append(value)
+            headers[b"Accept-Ranges"] = [b"bytes"]
         elif hit.status == 304:
             for name, value in entry.headers:
                 if name.lower() in _NOT_MODIFIED_HEADERS:
-                    headers.addRawHeader(name, value)
-        request.setResponseCode(hit.status)
+                    headers.setdefault(name, []).append(value)
 
         body = b""
         if hit.status == 200:
@@ -903,33 +904,43 @@ class ObjectCache(Service):
             assert hit.byte_range is not None
             first, last = hit.byte_range
             body = entry.body[first : last + 1]
-            headers.setRawHeaders(
-                b"content-range", [b"bytes %d-%d/%d" % (first, last, len(entry.body))]
-            )
+            headers[b"Content-Range"] = [b"bytes %d-%d/%d" % (first, last, len(entry.body))]
         elif hit.status in (412, 416):
-            code = "PreconditionFailed" if hit.status == 412 else "InvalidRange"
-            message = (
-                "At least one of the preconditions you specified did not hold."
-                if hit.status == 412
-                else "The requested range is not satisfiable"
-            )
             bucket, key, _version = entry.entry_key
-            request_id = (headers.getRawHeaders(b"x-amz-request-id") or [b""])[0]
-            body = render_error(code, message, f"/{bucket}/{key}", request_id.decode("latin-1"))
-            headers.setRawHeaders(b"content-type", [b"application/xml"])
-            if hit.status == 416:
-                headers.setRawHeaders(b"content-range", [b"bytes */%d" % len(entry.body)])
+            if hit.status == 412:
+                code = "PreconditionFailed"
+                message = "At least one of the preconditions you specified did not hold."
+            else:
+                code = "InvalidRange"
+                message = "The requested range is not satisfiable"
+                headers[b"Content-Range"] = [b"bytes */%d" % len(entry.body)]
+            body = render_error(code, message, f"/{bucket}/{key}", "")
+            headers[b"Content-Type"] = [b"application/xml"]
+        return hit.status, list(headers.items()), body
 
-        if hit.status != 304:
-            headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    def serve(self, hit: Hit, request: WebRequest) -> int:
+        """
+        Write a hit as the complete response to ``request`` and finish it.
+
+        :return: the HTTP status sent, for the request metrics.
+        """
+        status, headers, body = self.render(hit)
+        request.setResponseCode(status)
+        for name, values in headers:
+            request.responseHeaders.setRawHeaders(name, values)
+        if status != 304:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         if body and hit.method == "GET":
             request.write(body)
         request.finish()
-        return hit.status
+        return status
 
-    def invalidate(self, bucket: str, keys: Iterable[str]) -> Deferred[None]:
+    def invalidate(self, bucket: str, keys: Iterable[str] | None) -> Deferred[None]:
         """
         Evict every version of ``keys`` in ``bucket`` here and publish it to the fleet.
+
+        ``keys`` None stands for keys that are not known (a DeleteObjects body that could not
+        be read) and empties the whole cache here and on every proxy.
 
         Call it when a write (PUT, COPY onto the key, DELETE, DeleteObjects,
         CompleteMultipartUpload, and any other request that changes an object) starts and again
@@ -940,7 +951,7 @@ class ObjectCache(Service):
             that a client who saw the write's response cannot read older bytes through a proxy
             that holds its subscription.
         """
-        key_list = list(keys)
+        key_list = None if keys is None else list(keys)
         self._invalidate_local(bucket, key_list)
         return self._bus.publish(bucket, key_list)
 
@@ -967,8 +978,8 @@ class ObjectCache(Service):
         self._subscribed = False
         self.clear()
 
-    def invalidation_received(self, bucket: str, keys: Sequence[str]) -> None:
-        """Evict keys that another proxy changed."""
+    def invalidation_received(self, bucket: str, keys: Sequence[str] | None) -> None:
+        """Evict keys that another proxy changed; None empties the cache."""
         self._invalidate_local(bucket, keys)
 
     # Introspection for tests and debugging.
@@ -1147,7 +1158,10 @@ class ObjectCache(Service):
         if publish:
             self._publish_gauges()
 
-    def _invalidate_local(self, bucket: str, keys: Iterable[str]) -> None:
+    def _invalidate_local(self, bucket: str, keys: Iterable[str] | None) -> None:
+        if keys is None:
+            self.clear()
+            return
         for key in keys:
             object_key = (bucket, key)
             for entry_key in list(self._versions.get(object_key, ())):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -43,6 +44,8 @@ from twisted.python.failure import Failure
 
 __all__ = [
     "InvalidationBus",
+    "delete_objects_keys",
+    "written_keys",
     "InvalidationListener",
     "LocalInvalidationBus",
     "RedisInvalidationBus",
@@ -62,14 +65,15 @@ def invalidation_channel(namespace: str) -> str:
     return f"{{{namespace}}}:cache:invalidate"
 
 
-def encode_message(origin: str, bucket: str, keys: Sequence[str]) -> bytes:
-    """Encode one invalidation message as UTF-8 JSON."""
-    return json.dumps({"origin": origin, "bucket": bucket, "keys": list(keys)}).encode("utf-8")
+def encode_message(origin: str, bucket: str, keys: Sequence[str] | None) -> bytes:
+    """Encode one invalidation message as UTF-8 JSON; ``keys`` None means every key."""
+    listed = None if keys is None else list(keys)
+    return json.dumps({"origin": origin, "bucket": bucket, "keys": listed}).encode("utf-8")
 
 
-def decode_message(payload: bytes) -> tuple[str, str, list[str]]:
+def decode_message(payload: bytes) -> tuple[str, str, list[str] | None]:
     """
-    Decode an invalidation message into (origin, bucket, keys).
+    Decode an invalidation message into (origin, bucket, keys), keys None for every key.
 
     :raises ValueError: the payload is not a well-formed invalidation message.
     """
@@ -82,14 +86,76 @@ def decode_message(payload: bytes) -> tuple[str, str, list[str]]:
     origin = document.get("origin")
     bucket = document.get("bucket")
     keys = document.get("keys")
-    if not isinstance(origin, str) or not isinstance(bucket, str) or not isinstance(keys, list):
+    if not isinstance(origin, str) or not isinstance(bucket, str):
         raise ValueError(
-            f"invalidation message {payload[:80]!r} lacks string 'origin', string 'bucket'"
-            " or list 'keys'"
+            f"invalidation message {payload[:80]!r} lacks string 'origin' or 'bucket'"
         )
+    if "keys" not in document:
+        raise ValueError(f"invalidation message {payload[:80]!r} has no 'keys'")
+    if keys is None:
+        return origin, bucket, None
+    if not isinstance(keys, list):
+        raise ValueError(f"invalidation message {payload[:80]!r} has no list or null 'keys'")
     if not all(isinstance(key, str) for key in keys):
         raise ValueError(f"invalidation message {payload[:80]!r} has a non-string key")
     return origin, bucket, keys
+
+
+# Operations on an object key that never change the object's bytes or headers.
+_NON_WRITING_OPERATIONS = frozenset(
+    {
+        "get_object",
+        "head_object",
+        "create_multipart_upload",
+        "upload_part",
+        "upload_part_copy",
+        "abort_multipart_upload",
+        "list_parts",
+    }
+)
+_S3_XML_NAMESPACE = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def written_keys(
+    operation: str, method: str, key: str | None, body: bytes | None
+) -> list[str] | None:
+    """
+    Return the object keys that a request may change, for invalidation.
+
+    Every request with an object key and a method other than GET or HEAD counts as a write
+    (PutObject, CopyObject onto the key, DeleteObject, CompleteMultipartUpload, and the tagging,
+    ACL, retention and restore requests) unless its operation only touches upload parts.
+    DeleteObjects names its keys in the body.
+
+    :param body: the complete request body of a DeleteObjects request, or None if the body was
+        not kept.
+    :return: the keys, an empty list for a request that changes no object, or None when the
+        keys are unknown (a DeleteObjects body that is missing or cannot be parsed), which
+        callers treat as "every key".
+    """
+    if operation == "delete_objects":
+        return None if body is None else delete_objects_keys(body)
+    if key is None or method in ("GET", "HEAD") or operation in _NON_WRITING_OPERATIONS:
+        return []
+    return [key]
+
+
+def delete_objects_keys(body: bytes) -> list[str] | None:
+    """
+    Return the keys named by a DeleteObjects request body, or None if it cannot be parsed.
+
+    Note: the standard library's expat (2.4.1 and later) rejects entity expansion attacks,
+    and the body is authenticated and at most 1000 keys long.
+    """
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    keys = []
+    for element in root.iter():
+        if element.tag in ("Key", _S3_XML_NAMESPACE + "Key"):
+            keys.append(element.text or "")
+    return keys
 
 
 class InvalidationListener(Protocol):
@@ -101,16 +167,16 @@ class InvalidationListener(Protocol):
     def subscription_lost(self, reason: str) -> None:
         """Stop trusting the cache: invalidations may be missed from now on."""
 
-    def invalidation_received(self, bucket: str, keys: Sequence[str]) -> None:
-        """Evict the given keys of ``bucket``, which another proxy changed."""
+    def invalidation_received(self, bucket: str, keys: Sequence[str] | None) -> None:
+        """Evict the given keys of ``bucket``, which another proxy changed (None: all keys)."""
 
 
 class InvalidationBus(Protocol):
     """Carries invalidations between the proxies of one deployment."""
 
-    def publish(self, bucket: str, keys: Sequence[str]) -> Deferred[None]:
+    def publish(self, bucket: str, keys: Sequence[str] | None) -> Deferred[None]:
         """
-        Tell the other proxies that ``keys`` of ``bucket`` changed.
+        Tell the other proxies that ``keys`` of ``bucket`` changed (None: unknown keys).
 
         The Deferred fires with None once the message is handed to Redis or the attempt
         failed (failures are logged, never raised), so a caller may wait on it safely.
@@ -126,7 +192,7 @@ class InvalidationBus(Protocol):
 class LocalInvalidationBus:
     """The bus of a single process without Redis: nothing to publish, always subscribed."""
 
-    def publish(self, bucket: str, keys: Sequence[str]) -> Deferred[None]:
+    def publish(self, bucket: str, keys: Sequence[str] | None) -> Deferred[None]:
         """Do nothing: the local eviction already happened."""
         return succeed(None)
 
@@ -210,7 +276,7 @@ class RedisInvalidationBus:
 
     # Publishing.
 
-    def publish(self, bucket: str, keys: Sequence[str]) -> Deferred[None]:
+    def publish(self, bucket: str, keys: Sequence[str] | None) -> Deferred[None]:
         """
         Publish one message for ``keys`` of ``bucket`` from a pool thread.
 
@@ -229,7 +295,7 @@ class RedisInvalidationBus:
                 "Publishing a cache invalidation for {count} key(s) of bucket {bucket!r} on"
                 " {channel} failed: {error}; other proxies keep their entries for these keys"
                 " until the cache ttl expires",
-                count=len(keys),
+                count="all" if keys is None else len(keys),
                 bucket=bucket,
                 channel=self._channel,
                 error=failure.getErrorMessage(),

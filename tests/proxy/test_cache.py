@@ -779,3 +779,28 @@ def test_disabled_still_publishes() -> None:
     cache.startService()
     cache.invalidate("bucket", ["a", "b"])
     assert published == [("bucket", ["a", "b"])]
+
+
+def test_render_head_keeps_length() -> None:
+    """render returns the full body for a HEAD hit, so Content-Length is the object's size."""
+    cache, _, _ = make_cache()
+    store(cache, "key", b"hello")
+    hit = result(cache.lookup(AUTH, request(method="HEAD")))
+    assert isinstance(hit, Hit)
+    status, headers, body = cache.render(hit)
+    assert status == 200
+    assert body == b"hello"
+    assert (b"Accept-Ranges", [b"bytes"]) in headers
+
+
+def test_render_not_modified() -> None:
+    """render of a 304 has an empty body and only validator and caching headers."""
+    cache, _, _ = make_cache()
+    store(cache, "key", b"hello")
+    hit = result(cache.lookup(AUTH, request(headers={"If-None-Match": '"abc"'})))
+    assert isinstance(hit, Hit)
+    status, headers, body = cache.render(hit)
+    names = {name.lower() for name, _values in headers}
+    assert status == 304
+    assert body == b""
+    assert names == {b"etag", b"last-modified"}

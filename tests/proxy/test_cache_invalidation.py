@@ -18,6 +18,7 @@ from proxy.cache_invalidation import (
     decode_message,
     encode_message,
     invalidation_channel,
+    written_keys,
 )
 from tests.proxy.test_cache import AUTH, FakeMetrics, Settings, request, result, store
 
@@ -194,3 +195,52 @@ def test_cache_off_until_subscribed(server: fakeredis.FakeServer) -> None:
     assert len(cache) == 0
     assert not cache.caching
     assert isinstance(result(cache.lookup(AUTH, request())), Miss)
+
+
+def test_null_keys_round_trip() -> None:
+    """A message for unknown keys carries null and decodes to None."""
+    assert decode_message(encode_message("p", "bucket", None)) == ("p", "bucket", None)
+
+
+DELETE_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b'<Delete xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+    b"<Object><Key>a.txt</Key></Object>"
+    b"<Object><Key>dir/b &amp; c.txt</Key><VersionId>v1</VersionId></Object>"
+    b"<Quiet>true</Quiet></Delete>"
+)
+
+
+@pytest.mark.parametrize(
+    ("operation", "method", "key", "body", "expected"),
+    [
+        ("put_object", "PUT", "k", None, ["k"]),
+        ("copy_object", "PUT", "k", None, ["k"]),
+        ("delete_object", "DELETE", "k", None, ["k"]),
+        ("complete_multipart_upload", "POST", "k", None, ["k"]),
+        ("other", "PUT", "k", None, ["k"]),
+        ("upload_part", "PUT", "k", None, []),
+        ("create_multipart_upload", "POST", "k", None, []),
+        ("abort_multipart_upload", "DELETE", "k", None, []),
+        ("get_object", "GET", "k", None, []),
+        ("create_bucket", "PUT", None, None, []),
+        ("delete_objects", "POST", None, DELETE_BODY, ["a.txt", "dir/b & c.txt"]),
+        ("delete_objects", "POST", None, None, None),
+        ("delete_objects", "POST", None, b"<Delete><Object>", None),
+    ],
+)
+def test_written_keys(
+    operation: str, method: str, key: str | None, body: bytes | None, expected: list[str] | None
+) -> None:
+    """Writes name the keys they change; DeleteObjects names them in its body."""
+    assert written_keys(operation, method, key, body) == expected
+
+
+def test_unknown_keys_empty_cache() -> None:
+    """Invalidating unknown keys (None) empties the whole cache."""
+    cache = ObjectCache(Settings(), FakeMetrics(), Clock())
+    cache.startService()
+    store(cache, "key", b"hello")
+    store(cache, "other", b"hello")
+    cache.invalidate("bucket", None)
+    assert len(cache) == 0
