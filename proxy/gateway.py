@@ -30,13 +30,17 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import UNKNOWN_LENGTH
+from twisted.web.http_headers import Headers
 
+from proxy.cache import CacheRequest, Hit, Miss, ObjectCache
+from proxy.cache import Outcome as CacheOutcome
+from proxy.cache_invalidation import written_keys
 from proxy.config import BackendConfig, Config
 from proxy.errors import S3Error, error_status_in_body, render_error, service_unavailable
 from proxy.forward import (
@@ -133,8 +137,8 @@ class Gateway:
 
     @param metrics: the C{Metrics} of C{collector.open_monitoring}.
     @param clock: measures latency and is the signing time of SigV4 checks.
-    @param cache: an optional object cache; L{Exchange.answer_from_cache} is where it plugs
-        in. L{None} means every GET goes to a backend.
+    @param cache: the object cache, consulted by L{Exchange.answer_from_cache} and told about
+        every write; L{None} means every GET goes to a backend.
     @param new_request_id: returns a fresh request id; injectable for tests.
     """
 
@@ -145,7 +149,7 @@ class Gateway:
         forwarder: Forwarder,
         pool: BackendPool,
         clock: Clock,
-        cache: Any = None,
+        cache: ObjectCache | None = None,
         new_request_id: Callable[[], str] = _random_request_id,
     ) -> None:
         self.config = config
@@ -370,6 +374,10 @@ class Exchange:
         self.backend_id: str | None = None
         self.expects_body = length != 0
         self.body_wanted = False
+        self.cache_lookup: Deferred[CacheOutcome] | None = None
+        self.cache_fill: Any = None
+        self.cache_backend_headers: dict[str, str] = {}
+        self.invalidated_keys: list[str] | None = []
 
     # Step 1: headers.
 
@@ -528,9 +536,12 @@ class Exchange:
             key=self.key,
             replayable=self.body_mode != "streaming",
         )
+        self._invalidate_written_keys()
         if self.answer_from_cache(info):
             return
+        self._send_to_backends(info)
 
+    def _send_to_backends(self, info: RequestInfo) -> None:
         self.plan = list(self.gateway.pool.plan(info))
         if not self.plan:
             self.fail(service_unavailable("no backend is available; retry later"))
@@ -539,14 +550,56 @@ class Exchange:
 
     def answer_from_cache(self, info: RequestInfo) -> bool:
         """
-        Cache seam: answer a GET from the object cache and return True, or return False.
+        Hand a GetObject or HeadObject request to the object cache; return False without one.
 
-        With C{cache=None} (the default) every request goes to a backend. An implementation
-        looks up C{info.bucket}/C{info.key} for C{get_object}, writes the cached response
-        with L{respond_with} and calls L{complete}; on a miss the response of the backend is
-        relayed as usual (the cache may wrap L{ResponseRelay} to keep a copy).
+        The lookup fires later when the request waits for another request's fill of the same
+        object. A hit is written with L{respond_with}; a miss goes to the backends with the
+        cache's fill copying the response; a request the cache does not take goes to the
+        backends unchanged.
         """
-        return False
+        cache = self.gateway.cache
+        if cache is None or self.bucket is None or self.key is None:
+            return False
+        if self.operation not in ("get_object", "head_object"):
+            return False
+        assert self.auth is not None
+        request = CacheRequest.from_request(self.request, self.bucket, self.key)
+        lookup = cache.lookup(self.auth, request)
+        self.cache_lookup = lookup
+        lookup.addCallbacks(lambda outcome: self._cache_decided(info, outcome), self._cache_gone)
+        lookup.addErrback(self._bug)
+        return True
+
+    def _cache_decided(self, info: RequestInfo, outcome: CacheOutcome) -> None:
+        self.cache_lookup = None
+        if isinstance(outcome, Miss):
+            self.cache_fill = outcome.fill
+            self.cache_backend_headers = {
+                name.decode("latin-1").lower(): value.decode("latin-1")
+                for name, value in outcome.backend_headers.items()
+            }
+        if self.completed:
+            return
+        if isinstance(outcome, Hit):
+            assert self.gateway.cache is not None
+            self.respond_with(*self.gateway.cache.render(outcome))
+            return
+        self._send_to_backends(info)
+
+    def _cache_gone(self, failure: Failure) -> None:
+        # The client left while its request waited for another request's cache fill.
+        failure.trap(CancelledError)
+        self.cache_lookup = None
+
+    def _invalidate_written_keys(self) -> None:
+        """Evict the keys a write changes before it reaches a backend (and again after)."""
+        cache = self.gateway.cache
+        if cache is None or self.bucket is None:
+            return
+        body = b"".join(self.buffer) if self.body_mode == "buffered" else None
+        self.invalidated_keys = written_keys(self.operation, self.method, self.key, body)
+        if self.invalidated_keys != []:
+            cache.invalidate(self.bucket, self.invalidated_keys)
 
     def _outgoing(self) -> OutgoingRequest:
         assert self.auth is not None
@@ -556,6 +609,7 @@ class Exchange:
         extra: dict[str, str] = {}
         if self.auth.backend_content_encoding:
             extra["content-encoding"] = self.auth.backend_content_encoding
+        extra.update(self.cache_backend_headers)
         body: Any = None
         if self.body_mode == "buffered":
             body = BufferedBody(b"".join(self.buffer))
@@ -646,6 +700,22 @@ class Exchange:
             discard_body(response)
             self._send_attempt(index + 1)
             return
+        if self.invalidated_keys != [] and self.gateway.cache is not None:
+            # Evict again once the write is done, everywhere, before the client learns of it,
+            # so that no proxy serves older bytes to a client that saw this response.
+            assert self.bucket is not None
+            published = self.gateway.cache.invalidate(self.bucket, self.invalidated_keys)
+            published.addCallback(lambda _: self._relay_unless_gone(backend, response))
+            published.addErrback(self._bug)
+            return
+        self._relay(backend, response)
+
+    def _relay_unless_gone(self, backend: BackendConfig, response: Any) -> None:
+        if self.completed:
+            self.gateway.record_attempt(backend.id, self.operation, str(response.code))
+            self.gateway.pool.report(backend.id, "neutral", "client went away")
+            discard_body(response)
+            return
         self._relay(backend, response)
 
     # Step 5: the response.
@@ -659,7 +729,20 @@ class Exchange:
             self.fail(S3Error("BadGateway", f"backend {backend.id!r} sent status {status}", 502))
             return
 
+        if self.cache_fill is not None:
+            headers = Headers(dict(response_headers(response, self.method)))
+            hit = self.cache_fill.start(status, headers)
+            if hit is not None:
+                # The backend confirmed the cached copy (304 to the cache's If-None-Match).
+                assert self.gateway.cache is not None
+                self.gateway.record_attempt(backend.id, self.operation, str(status))
+                self.gateway.pool.report(backend.id, _outcome_for(status), f"HTTP {status}")
+                discard_body(response)
+                self.respond_with(*self.gateway.cache.render(hit))
+                return
+
         request = self.request
+        fill = self.cache_fill
         request.setResponseCode(status, response.phrase or None)
         for name, values in response_headers(response, self.method):
             request.responseHeaders.setRawHeaders(name, values)
@@ -671,8 +754,13 @@ class Exchange:
         self.metric_status = status
 
         capture = _CAPTURE_LIMIT if self.operation == "complete_multipart_upload" else 0
+        def write(data: bytes) -> None:
+            if fill is not None:
+                fill.write(data)
+            request.write(data)
+
         relay = ResponseRelay(
-            lambda data: request.write(data),
+            write,
             request.registerProducer,
             request.unregisterProducer,
             capture_limit=capture,
@@ -688,6 +776,8 @@ class Exchange:
 
     def _relay_finished(self, backend: BackendConfig, relay: ResponseRelay) -> None:
         self.relay = None
+        if self.cache_fill is not None:
+            self.cache_fill.finish()
         status = self.status or 502
         if status == 200 and relay.captured:
             in_body = error_status_in_body(relay.captured)
@@ -831,6 +921,10 @@ class Exchange:
         if self.completed:
             return
         self.completed = True
+        if self.cache_lookup is not None:
+            self.cache_lookup.cancel()
+        if self.cache_fill is not None:
+            self.cache_fill.abort()
         elapsed = max(0.0, self.gateway.clock.seconds() - self.started)
         self.gateway.record(self.operation, str(code), elapsed)
 

@@ -9,6 +9,8 @@ L{Options.postOptions}, so twistd prints the message and exits non-zero before l
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from twisted.application import strports
@@ -18,6 +20,8 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from proxy.cache import ObjectCache
+from proxy.cache_invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
 from proxy.config import Config, ConfigError, load_config
 from proxy.forward import Forwarder, make_agent
 from proxy.gateway import Gateway, GatewayFactory, StaticBackendPool
@@ -99,12 +103,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     agent, pool = make_agent(reactor, config.server.connect_timeout)
     _ConnectionPoolService(pool).setServiceParent(root)
     forwarder = Forwarder(agent, reactor, config.server.request_timeout)
+    # Invalidations go through the metrics Redis; without one the cache is local only.
+    bus: InvalidationBus = LocalInvalidationBus()
+    if config.metrics.redis_url is not None:
+        origin = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        bus = RedisInvalidationBus.from_url(
+            config.metrics.redis_url, config.metrics.namespace, origin, reactor
+        )
+    cache = ObjectCache(config.cache, monitoring.metrics, reactor, bus)
+    cache.setServiceParent(root)
     gateway = Gateway(
         config,
         monitoring.metrics,
         forwarder,
         StaticBackendPool(config.backends),
         reactor,
+        cache=cache,
     )
     gateway_factory: Any = GatewayFactory(gateway)
     strports.service(config.server.listen, gateway_factory).setServiceParent(root)
