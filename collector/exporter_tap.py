@@ -1,0 +1,124 @@
+"""Options and service for ``twistd s3proxy-exporter``: one ``/metrics`` for the fleet.
+
+The exporter reads every family from the shared Redis and serves ``/metrics`` and
+``/healthz``. It renders families from the definitions the proxies stored in Redis and
+imports no proxy code.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.python import usage
+from twisted.web.server import Site
+
+from collector import thread_pool_runner
+from collector.collector import RedisCollector, default_gauge_ttl
+from collector.resource import MetricsResource, metrics_root
+from collector.store import RedisStore, open_redis
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """Command line of ``twistd s3proxy-exporter``; options override ``--config``."""
+
+    synopsis = "[--config FILE] [--redis-url URL] [--listen ENDPOINT] [--namespace NAME]"
+    longdesc = (
+        "Serve the metrics of every s3proxy process, read from their shared Redis, on "
+        "/metrics for Prometheus, and 'ok' on /healthz."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML file of the proxies; its [metrics] table is read."],
+        ["redis-url", "r", None, "Redis URL: redis://[user:password@]host:port/db, "
+         "rediss://... or unix:///path. Overrides metrics.redis_url."],
+        ["listen", "l", "tcp:9091", "Endpoint description to serve HTTP on."],
+        ["namespace", "n", None, "Key namespace of the deployment (default s3proxy). "
+         "Overrides metrics.namespace."],
+        ["gauge-ttl", None, None, "Seconds without heartbeat after which a proxy's gauges "
+         "are dropped; default max(15, 3 x metrics.flush_interval)."],
+        ["scrape-timeout", None, "10", "Seconds a collection may take before /metrics "
+         "answers 503."],
+    ]
+
+    def postOptions(self) -> None:
+        metrics = _metrics_table(self["config"]) if self["config"] else {}
+
+        redis_url = self["redis-url"] or metrics.get("redis_url")
+        if not redis_url:
+            raise usage.UsageError(
+                "no Redis URL given; pass --redis-url or set metrics.redis_url in --config"
+            )
+        if not isinstance(redis_url, str):
+            raise usage.UsageError(f"metrics.redis_url {redis_url!r} is invalid; give a string")
+        try:
+            open_redis(redis_url)
+        except ValueError as err:
+            raise usage.UsageError(str(err)) from None
+        self["redis-url"] = redis_url
+
+        namespace = self["namespace"] or metrics.get("namespace", "s3proxy")
+        if not isinstance(namespace, str):
+            raise usage.UsageError(f"metrics.namespace {namespace!r} is invalid; give a string")
+        self["namespace"] = namespace
+
+        flush_interval = _seconds(metrics.get("flush_interval", 1.0), "metrics.flush_interval")
+        if self["gauge-ttl"] is None:
+            self["gauge-ttl"] = default_gauge_ttl(flush_interval)
+        else:
+            self["gauge-ttl"] = _seconds(self["gauge-ttl"], "--gauge-ttl")
+        self["scrape-timeout"] = _seconds(self["scrape-timeout"], "--scrape-timeout")
+
+
+def _metrics_table(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as file:
+            document = tomllib.load(file)
+    except OSError as err:
+        raise usage.UsageError(f"cannot read config file {path!r}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise usage.UsageError(f"config file {path!r} is not valid TOML: {err}") from None
+    table = document.get("metrics", {})
+    if not isinstance(table, dict):
+        raise usage.UsageError(f"[metrics] in {path!r} must be a table")
+    return table
+
+
+def _seconds(value: object, name: str) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise usage.UsageError(f"{name} {value!r} is invalid; give seconds > 0")
+    return seconds
+
+
+def makeService(options: Options) -> IService:
+    """Build the exporter: an HTTP listener on ``--listen`` serving the Redis collector."""
+    from twisted.internet import reactor
+
+    store = RedisStore(open_redis(options["redis-url"]), namespace=options["namespace"])
+    collector = RedisCollector(store, reactor, gauge_ttl=options["gauge-ttl"])
+    registry = CollectorRegistry()
+    registry.register(collector)
+    resource = MetricsResource(
+        registry,
+        reactor,
+        thread_pool_runner(reactor),
+        timeout=options["scrape-timeout"],
+        on_timeout=collector.record_timeout,
+    )
+
+    service = MultiService()
+    site = IProtocolFactory(Site(metrics_root(resource)))
+    listener = strports.service(options["listen"], site)
+    listener.setServiceParent(service)
+    return IService(service)
