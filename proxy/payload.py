@@ -219,7 +219,8 @@ class PayloadVerifier(Protocol):
         Consume the next bytes of the body as received.
 
         :param data: raw body bytes (aws-chunked framing included, if any).
-        :return: decoded bytes that are verified and may be forwarded; possibly empty.
+        :return: decoded bytes that are verified and may be forwarded; possibly empty. A
+            call that raises releases nothing, not even chunks it verified before failing.
         :raises AuthError: ``SignatureDoesNotMatch`` (403) for a bad chunk signature,
             ``InvalidRequest`` (400) for bad aws-chunked framing or more bytes than
             ``x-amz-decoded-content-length``, ``EntityTooLarge`` (400) for a chunk over
