@@ -1,9 +1,9 @@
 """Fleet-wide metrics for s3proxy: recording, flushing to Redis and Prometheus exposition.
 
-Every process records into an in-process :class:`~collector.metrics.Metrics` buffer; a
-flusher ships the deltas to a shared store; a collector renders what the store holds on
-every scrape. :func:`open_monitoring` wires these parts together. This package never
-imports the proxy, so the standalone exporter runs without it.
+Every process records into an in-process :class:`~collector.metrics.Metrics` buffer. A
+flusher ships the deltas to a shared store, and a collector builds metric families from
+the store's contents on every scrape. :func:`open_monitoring` wires these parts together.
+This package never imports the proxy, so the standalone exporter runs without it.
 """
 
 from __future__ import annotations

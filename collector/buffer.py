@@ -72,8 +72,8 @@ class DeltaBuffer:
 
     :ivar counters: counter increments per series.
     :ivar histograms: histogram observations per series.
-    :ivar gauges: the current value of each gauge series; unlike the deltas, gauges are
-        kept across swaps so that every batch carries the full gauge state.
+    :ivar gauges: the current value of each gauge series. Unlike the deltas, gauges are
+        kept across swaps, so every batch carries the full gauge state.
     """
 
     __slots__ = ("counters", "histograms", "gauges")

@@ -5,7 +5,7 @@ Every scrape reads the store once (one pipeline of a fixed list of keys, never `
 needs none of the writers' code. Besides the stored families it exposes its own metrics:
 
 ``s3proxy_redis_up``
-    1 when the store answered this scrape, else 0 (and no stored family is shown).
+    1 when the store could be read in this scrape, else 0; then no stored family is shown.
 ``s3proxy_proxies``
     writers whose heartbeat is younger than the gauge TTL.
 ``s3proxy_proxy_last_seen_timestamp_seconds{proxy}``
@@ -72,9 +72,9 @@ class RedisCollector:
     :param store: the store to read; :meth:`collect` blocks on it, so run scrapes in a
         thread.
     :param clock: the time source for gauge TTL and scrape duration.
-    :param definitions: families to read even before their definitions are stored and to
-        answer :meth:`describe` with; a standalone exporter passes none and renders
-        what the store's metadata lists.
+    :param definitions: families to read even before their definitions are stored, and
+        the families that :meth:`describe` returns. A standalone exporter passes none and
+        renders the families listed in the store's metadata.
     :param gauge_ttl: seconds after a writer's last heartbeat when its gauge values are
         dropped and removed from the store; see :func:`default_gauge_ttl`.
     :param sequence_retention: seconds after which a silent writer's sequence record is
@@ -122,11 +122,12 @@ class RedisCollector:
             self._errors["timeout"] += 1
 
     def collect(self) -> Iterator[Metric]:
-        """Read the store once and yield every stored family and the self-metrics.
+        """Read the store and yield every stored family and the self-metrics.
 
-        Blocks on the store: runs in a thread. When the store cannot be read, yields only
-        the self-metrics with ``s3proxy_redis_up 0`` and logs the error (at most once per
-        ``error_log_interval``).
+        Blocks on the store, so it runs in a thread. A scrape is one store read, plus
+        a second one when the metadata lists a family that no earlier scrape had read.
+        When the store cannot be read, yields only the self-metrics with
+        ``s3proxy_redis_up 0`` and logs the error, at most once per ``error_log_interval``.
         """
         started = self._now()
         try:
@@ -259,7 +260,8 @@ class RedisCollector:
         duration: float,
     ) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            REDIS_UP, "1 when the metrics store answered this scrape, else 0.", value=int(up)
+            REDIS_UP, "1 when the metrics store could be read in this scrape, else 0.",
+            value=int(up),
         )
 
         proxies = GaugeMetricFamily(PROXIES, "Proxies whose heartbeat is younger than the TTL.")

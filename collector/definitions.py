@@ -30,8 +30,8 @@ MetricType = Literal["counter", "gauge", "histogram"]
 GaugeMode = Literal["per_writer", "min", "max", "sum", "mostrecent"]
 """How the gauge values of several writers are combined at scrape time.
 
-``per_writer`` exposes one series per live writer with an extra ``proxy`` label that holds
-the writer id; the other modes expose one series per label set, computed over live writers.
+``per_writer`` exposes one series per live writer, with an extra ``proxy`` label set to the
+writer id. The other modes expose one series per label set, computed over live writers.
 """
 
 # The upper bounds of prometheus_client's default histogram buckets, in seconds.

@@ -2,8 +2,8 @@
 
 Each tick cuts a :class:`Batch` from the buffer on the reactor thread and applies it in a
 thread, in one store call that also writes the writer's heartbeat. A batch that fails
-stays pending and is resent unchanged on the next tick, while new deltas collect in the
-buffer; only after the pending batch is applied is the next one cut. Because the store
+stays pending and is resent unchanged on the next tick. Meanwhile new deltas collect in
+the buffer, and the next batch is cut only after the pending one is applied. Because the store
 applies each (writer, sequence) at most once, a resend after a lost reply is harmless.
 """
 
@@ -101,8 +101,8 @@ class Flusher(Service):
     def startService(self) -> None:
         """Register the definitions and start flushing every ``interval`` seconds.
 
-        The registration runs on the calling thread and blocks until the store answers,
-        at most the store client's timeout. When the store cannot be reached, the
+        The registration runs on the calling thread and blocks until the store replies
+        or the store client times out. When the store cannot be reached, the
         registration is retried before each batch.
 
         :raises SchemaConflictError: (a ValueError) when a stored definition differs
@@ -175,9 +175,14 @@ class Flusher(Service):
         result: Deferred[bool] = shipped.addCallbacks(
             self._shipped, self._failed, callbackArgs=(batch,), errbackArgs=(batch,)
         )
+        result.addErrback(self._bug)
         self._in_flight = result
         result.addBoth(self._clear_in_flight)
         return result
+
+    def _bug(self, failure: Failure) -> bool:
+        self._log.failure("BUG: metrics flush bookkeeping failed", failure)
+        return False
 
     def _clear_in_flight(self, result: bool) -> bool:
         self._in_flight = None

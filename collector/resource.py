@@ -3,8 +3,8 @@
 ``/metrics`` negotiates the format from ``Accept`` the way prometheus_client's own HTTP
 handlers do (text 0.0.4 by default, text 1.0.0, OpenMetrics), compresses with gzip when
 ``Accept-Encoding`` allows it and honours ``name[]`` query parameters. Collection blocks on
-the store, so it runs in a thread; a collection that takes longer than the timeout gets a
-503 answer.
+the store, so it runs in a thread. When a collection takes longer than the timeout, the
+response is a 503.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ class _NameFilter:
         for family in self._registry.collect():
             samples = [sample for sample in family.samples if sample.name in self._names]
             if samples:
-                kept = Metric(family.name, family.documentation, family.type, family.unit)
-                kept.samples = samples
-                yield kept
+                filtered = Metric(family.name, family.documentation, family.type, family.unit)
+                filtered.samples = samples
+                yield filtered
 
 
 class MetricsResource(Resource):
@@ -50,7 +50,7 @@ class MetricsResource(Resource):
         :class:`~collector.collector.RedisCollector`.
     :param clock: schedules the timeout.
     :param run_in_thread: runs the blocking collection off the reactor thread.
-    :param timeout: seconds a collection may take before the answer is 503; default 10.
+    :param timeout: seconds a collection may take before the response is a 503; default 10.
     :param on_timeout: called on the reactor thread after each timeout, e.g.
         ``RedisCollector.record_timeout``.
 
@@ -115,7 +115,7 @@ class MetricsResource(Resource):
             finished = True
             if failure.check(TimeoutError):
                 self._log.warn(
-                    "Metrics collection timed out after {timeout} s; answering 503",
+                    "Metrics collection timed out after {timeout} s; responding with 503",
                     timeout=self.timeout,
                 )
                 if self._on_timeout is not None:
@@ -147,7 +147,7 @@ class MetricsResource(Resource):
 
 
 class HealthResource(Resource):
-    """Answer 200 ``ok``: the process is up and serving HTTP. It reads no store."""
+    """Respond 200 ``ok`` while the process serves HTTP, without reading the store."""
 
     isLeaf = True
 

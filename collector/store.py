@@ -8,11 +8,13 @@ Redis Cluster keeps them in one slot and one Lua script may touch them all):
 ``{ns}:help``
     hash, family name -> help text of the most recently started writer.
 ``{ns}:family:<name>``
-    hash per family. Fields are JSON arrays of strings in definition order:
-    a counter field is ``[label values...]`` with the total as value; a histogram has
-    ``[label values..., <bucket index>]`` per bucket (non-cumulative counts, last index is
-    ``+Inf``), plus ``[label values..., "sum"]`` and ``[label values..., "count"]``; a gauge
-    field is ``[writer id, label values...]`` with the value ``"<value> <timestamp>"``.
+    hash per family, whose fields are JSON arrays of the label values in definition order.
+    A counter field is ``[label values...]`` and its value is the total.
+    A histogram has one field ``[label values..., <bucket index>]`` per bucket with a
+    non-cumulative count (the last index is ``+Inf``), plus ``[label values..., "sum"]``
+    and ``[label values..., "count"]``.
+    A gauge field is ``[writer id, label values...]`` and its value is
+    ``"<value> <timestamp>"``.
 ``{ns}:heartbeat``
     sorted set, writer id -> last flush time (seconds since the epoch, writer's clock).
 ``{ns}:sequence``
@@ -68,7 +70,7 @@ class ApplyResult(NamedTuple):
 
     :ivar applied: false when the batch had been applied before (a resend).
     :ivar failed_operations: operations that Redis rejected, e.g. an increment of a field
-        that holds no number; the rest of the batch is applied.
+        that contains no number. The rest of the batch is applied.
     """
 
     applied: bool
@@ -77,7 +79,7 @@ class ApplyResult(NamedTuple):
 
 @dataclass
 class Snapshot:
-    """What one read returned.
+    """The result of one :meth:`MetricStore.read`.
 
     :ivar schemas: family name -> stored schema JSON.
     :ivar help: family name -> stored help text.
@@ -188,7 +190,7 @@ def open_redis(url: str, timeout: float = 5.0) -> redis.Redis:
     :param timeout: socket connect and read timeout, in seconds, unless the URL sets one.
     :raises ValueError: when the URL is invalid; the message shows it without password.
     """
-    shown = redact_url(url)
+    redacted = redact_url(url)
     try:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
@@ -205,7 +207,7 @@ def open_redis(url: str, timeout: float = 5.0) -> redis.Redis:
         if password:
             reason = reason.replace(password, "***")
         raise ValueError(
-            f"Redis URL {shown!r} is invalid: {reason}; "
+            f"Redis URL {redacted!r} is invalid: {reason}; "
             "use redis://[user:password@]host:port/db, rediss://... or unix:///path"
         ) from None
 
@@ -346,7 +348,7 @@ class RedisStore:
         self._prune_script = client.register_script(_PRUNE_LUA)
 
     def family_key(self, name: str) -> str:
-        """Return the key of the hash that holds family ``name``."""
+        """Return the key of the hash of family ``name``."""
         return f"{self.prefix}family:{name}"
 
     def register(self, definitions: Sequence[MetricDefinition]) -> None:

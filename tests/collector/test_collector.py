@@ -41,7 +41,7 @@ def _registry(collector: RedisCollector) -> CollectorRegistry:
 
 @pytest.fixture
 def exporter(redis_store: RedisStore, clock: Clock) -> CollectorRegistry:
-    """A registry with a collector that knows no definitions, like the standalone exporter."""
+    """A registry with a collector given no definitions, like the standalone exporter."""
     return _registry(RedisCollector(redis_store, clock, gauge_ttl=15))
 
 
@@ -260,14 +260,14 @@ def test_redis_down(clock: Clock) -> None:
 
 
 def test_redis_up(redis_store: RedisStore, exporter: CollectorRegistry) -> None:
-    """A store that answers gives s3proxy_redis_up 1 and zero scrape errors by cause."""
+    """A reachable store gives s3proxy_redis_up 1 and zero scrape errors by cause."""
     assert sample_value(exporter, "s3proxy_redis_up") == 1
     assert sample_value(exporter, "s3proxy_scrape_errors_total", {"cause": "redis"}) == 0
     assert sample_value(exporter, "s3proxy_scrape_errors_total", {"cause": "timeout"}) == 0
 
 
 class CountingStore:
-    """Wraps a store and counts read calls and the names each read asks for."""
+    """Wraps a store and records the names requested by each read."""
 
     def __init__(self, inner: MetricStore) -> None:
         self.inner = inner

@@ -81,7 +81,7 @@ def test_text_1_0_0_negotiated(monitoring: Any) -> None:
 
 
 def test_gzip(monitoring: Any) -> None:
-    """Accept-Encoding: gzip compresses the body and says so."""
+    """Accept-Encoding: gzip compresses the body and sets Content-Encoding."""
     request = _get(monitoring.resource, {"Accept-Encoding": "gzip, deflate"})
 
     assert _header(request, "content-encoding") == "gzip"
@@ -101,7 +101,7 @@ def test_name_filter(monitoring: Any) -> None:
 
 
 def test_timeout_503(clock: Clock) -> None:
-    """A collection slower than the timeout answers 503 with a message and counts it."""
+    """A collection slower than the timeout returns 503 with a message and counts it."""
     timeouts = []
     never: Deferred[Any] = Deferred()
     resource = MetricsResource(
@@ -136,7 +136,7 @@ def test_client_gone(clock: Clock) -> None:
 
 
 def test_healthz() -> None:
-    """/healthz answers ok."""
+    """/healthz returns ok."""
     request = DummyRequest([b""])
     assert HealthResource().render(request) == b"ok\n"
 

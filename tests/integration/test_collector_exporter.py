@@ -117,7 +117,7 @@ def test_exporter_gauges_gone_after_stop(redis_server: RedisServer, exporter: st
 
 
 def test_exporter_redis_down(redis_server: RedisServer, exporter: str) -> None:
-    """With Redis stopped, /metrics still answers 200 with s3proxy_redis_up 0."""
+    """With Redis stopped, /metrics still returns 200 with s3proxy_redis_up 0."""
     _run_writers(redis_server.url, 1)
     redis_server.stop()
     status, _, body = _get(exporter + "/metrics")
@@ -130,7 +130,7 @@ def test_exporter_redis_down(redis_server: RedisServer, exporter: str) -> None:
 
 
 def test_exporter_healthz(exporter: str) -> None:
-    """/healthz answers 200 ok."""
+    """/healthz returns 200 ok."""
     status, _, body = _get(exporter + "/healthz")
     assert status == 200
     assert body == b"ok\n"

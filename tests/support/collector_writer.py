@@ -1,10 +1,10 @@
 """A metrics writer process for collector integration tests.
 
-Run as ``python -m tests.support.collector_writer URL NAMESPACE COUNT [STOP_FILE]``: it
-records COUNT increments and COUNT observations through ``open_monitoring`` on the real
-reactor, in small chunks so that many flushes happen meanwhile, prints ``recorded``, waits
-until STOP_FILE exists (when given), stops the monitoring service (the last flush) and
-prints ``stopped <pending series>``.
+Run as ``python -m tests.support.collector_writer URL NAMESPACE COUNT [STOP_FILE]``.
+It records COUNT increments and COUNT observations through ``open_monitoring`` on the real
+reactor, in small chunks so that many flushes happen meanwhile, and prints ``recorded``.
+Then it waits until STOP_FILE exists (when given), stops the monitoring service, which
+flushes a last time, and prints ``stopped <series not written>``.
 
 :func:`expected_totals` computes what COUNT records add up to, for the assertions.
 """

@@ -1,0 +1,90 @@
+"""Tests for the options and service of twistd s3proxy-exporter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IServiceCollection
+from twisted.python import usage
+
+from collector.exporter_tap import Options, makeService
+
+
+def _parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "s3proxy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_redis_url_option() -> None:
+    """--redis-url is enough; the other options have defaults."""
+    options = _parse("--redis-url", "redis://127.0.0.1:6379/0")
+    assert options["namespace"] == "s3proxy"
+    assert options["listen"] == "tcp:9091"
+    assert options["gauge-ttl"] == 15.0
+
+
+def test_config_metrics_table(tmp_path: Path) -> None:
+    """--config reads redis_url, namespace and flush_interval from [metrics]."""
+    path = _config(tmp_path, """
+[server]
+listen = "tcp:9000"
+
+[metrics]
+redis_url = "redis://127.0.0.1:6380/1"
+namespace = "prod"
+flush_interval = 10.0
+""")
+    options = _parse("--config", path)
+    assert options["redis-url"] == "redis://127.0.0.1:6380/1"
+    assert options["namespace"] == "prod"
+    assert options["gauge-ttl"] == 30.0
+
+
+def test_options_override_config(tmp_path: Path) -> None:
+    """Command-line options override the config file."""
+    path = _config(tmp_path, '[metrics]\nredis_url = "redis://a:1/0"\nnamespace = "x"\n')
+    options = _parse("--config", path, "--redis-url", "redis://b:2/0", "--namespace", "y")
+    assert options["redis-url"] == "redis://b:2/0"
+    assert options["namespace"] == "y"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "no Redis URL"),
+        (("--redis-url", "http://user:s3cret@host/0"), "'http://user:***@host/0' is invalid"),
+        (("--redis-url", "redis://h/0", "--gauge-ttl", "0"), "--gauge-ttl '0' is invalid"),
+        (("--redis-url", "redis://h/0", "--scrape-timeout", "x"), "--scrape-timeout 'x'"),
+        (("--config", "/nonexistent/s3proxy.toml"), "cannot read config file"),
+    ],
+    ids=["no-url", "bad-url", "bad-ttl", "bad-timeout", "missing-config"],
+)
+def test_invalid_options(args: tuple[str, ...], message: str) -> None:
+    """Invalid options raise UsageError with the value and the fix."""
+    with pytest.raises(usage.UsageError, match=message.replace("*", r"\*")) as caught:
+        _parse(*args)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    """A config file that is not TOML raises UsageError naming the file."""
+    path = _config(tmp_path, "[metrics\n")
+    with pytest.raises(usage.UsageError, match="not valid TOML"):
+        _parse("--config", path)
+
+
+def test_make_service() -> None:
+    """makeService builds a service collection holding the HTTP listener, unstarted."""
+    listen = "tcp:0:interface=127.0.0.1"
+    options = _parse("--redis-url", "redis://127.0.0.1:1/0", "--listen", listen)
+    service = makeService(options)
+    assert len(list(IServiceCollection(service))) == 1
+    assert not service.running
