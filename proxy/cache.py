@@ -71,14 +71,15 @@ _NEUTRAL_QUERY = frozenset(
 )
 
 # Request headers whose effect the cache cannot reproduce: SSE-C keys, requester-pays billing,
-# the bucket-owner check, checksum output, If-Range, and CORS (the response varies by Origin).
+# the bucket-owner check, If-Range, and CORS (the response varies by Origin).
+# x-amz-checksum-mode is not among them: botocore 1.36 and later send it on every GetObject, and
+# a full-object checksum header that the cached response carries is valid for its 200 replay.
 _BYPASS_HEADERS = (
     b"x-amz-server-side-encryption-customer-algorithm",
     b"x-amz-server-side-encryption-customer-key",
     b"x-amz-server-side-encryption-customer-key-md5",
     b"x-amz-request-payer",
     b"x-amz-expected-bucket-owner",
-    b"x-amz-checksum-mode",
     b"if-range",
     b"origin",
 )
@@ -890,6 +891,9 @@ class ObjectCache(Service):
         headers: dict[bytes, list[bytes]] = {}
         if hit.status in (200, 206):
             for name, value in entry.headers:
+                # A whole-object checksum does not describe a part of the body.
+                if hit.status == 206 and name.lower().startswith(b"x-amz-checksum-"):
+                    continue
                 headers.setdefault(name, []).append(value)
             headers[b"Accept-Ranges"] = [b"bytes"]
         elif hit.status == 304:

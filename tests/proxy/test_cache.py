@@ -271,7 +271,6 @@ def test_neutral_query_still_cached() -> None:
         ("GET", b"", {"x-amz-server-side-encryption-customer-algorithm": "AES256"}),
         ("GET", b"", {"x-amz-request-payer": "requester"}),
         ("GET", b"", {"x-amz-expected-bucket-owner": "111122223333"}),
-        ("GET", b"", {"x-amz-checksum-mode": "ENABLED"}),
         ("GET", b"", {"If-Range": '"abc"'}),
         ("GET", b"", {"Origin": "https://example.org"}),
         ("GET", b"", {"Cache-Control": "no-cache"}),
@@ -505,6 +504,18 @@ def test_range_served_206() -> None:
     assert header(web_request, b"content-range") == b"bytes 7-9/10"
     assert header(web_request, b"content-length") == b"3"
     assert metrics.cache_hits_total.value == 1
+
+
+def test_range_drops_checksum() -> None:
+    """A 206 from the cache leaves out the whole-object checksum; a 200 keeps it."""
+    cache, _, _ = make_cache()
+    extra = {"x-amz-checksum-crc32": "AAAAAA=="}
+    store(cache, "key", b"0123456789", headers=response_headers(b"0123456789", extra=extra))
+    checksum_mode = {"x-amz-checksum-mode": "ENABLED"}
+    ranged = result(cache.lookup(AUTH, request(headers={**checksum_mode, "Range": "bytes=0-1"})))
+    whole = result(cache.lookup(AUTH, request(headers=checksum_mode)))
+    assert header(served(cache, ranged), b"x-amz-checksum-crc32") is None
+    assert header(served(cache, whole), b"x-amz-checksum-crc32") == b"AAAAAA=="
 
 
 def test_range_served_416() -> None:

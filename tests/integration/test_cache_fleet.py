@@ -1,0 +1,295 @@
+"""The object cache end to end: twistd s3proxy, moto behind a counting relay, real Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.support.cache import (
+    CHANNEL,
+    CacheProxy,
+    cache_samples,
+    counter,
+    wait_for_counters,
+    wait_until,
+)
+from tests.support.relay import Relay
+from tests.support.servers import MotoServer, RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def relay(s3_server: MotoServer) -> Iterator[Relay]:
+    """A relay in front of moto that records every backend request line."""
+    relay = Relay(s3_server.port).start()
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+@pytest.fixture
+def start_proxy(
+    tmp_path: Path, relay: Relay
+) -> Iterator[Callable[..., CacheProxy]]:
+    """Start cache-enabled proxies behind the relay; all are stopped at teardown."""
+    started: list[CacheProxy] = []
+
+    def start(redis_url: str | None, **options: Any) -> CacheProxy:
+        proxy = CacheProxy(tmp_path / f"proxy-{len(started)}", relay.endpoint, redis_url,
+                           **options)
+        started.append(proxy)
+        return proxy.start()
+
+    try:
+        yield start
+    finally:
+        for proxy in started:
+            proxy.stop()
+
+
+@pytest.fixture
+def bucket(request: pytest.FixtureRequest, s3_server: MotoServer) -> str:
+    """A bucket unique to the test, created directly on moto."""
+    name = "cache-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    direct(s3_server).create_bucket(Bucket=name)
+    return name
+
+
+def direct(s3_server: MotoServer) -> Any:
+    """A boto3 client that talks to moto itself, bypassing the proxy."""
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+
+
+def read(client: Any, bucket: str, key: str, **kwargs: Any) -> bytes:
+    body: bytes = client.get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
+    return body
+
+
+def backend_gets(relay: Relay, bucket: str, key: str) -> int:
+    return len(relay.requests_seen("GET", f"/{bucket}/{key}"))
+
+
+def test_hit_miss_sequence(
+    start_proxy: Callable[..., CacheProxy], relay: Relay, bucket: str, redis_server: RedisServer
+) -> None:
+    """A scripted sequence of GETs, a Range GET and an overwrite counts exact hits and misses."""
+    proxy = start_proxy(redis_server.url)
+    s3 = proxy.client()
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"version one")
+
+    assert read(s3, bucket, "obj") == b"version one"  # miss
+    assert read(s3, bucket, "obj") == b"version one"  # hit
+    assert read(s3, bucket, "obj", Range="bytes=-3") == b"one"  # hit
+    head = s3.head_object(Bucket=bucket, Key="obj")  # served from the entry, not counted
+    assert head["ContentLength"] == 11
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"version two")
+    assert read(s3, bucket, "obj") == b"version two"  # miss
+    assert read(s3, bucket, "obj") == b"version two"  # hit
+
+    hits, misses = wait_for_counters(proxy, hits=3, misses=2)
+    assert hits == 3
+    assert misses == 2
+    assert backend_gets(relay, bucket, "obj") == 2
+
+
+def test_range_unsatisfiable(
+    start_proxy: Callable[..., CacheProxy], bucket: str
+) -> None:
+    """A Range beyond the end of a cached object gets 416 with Content-Range bytes */size."""
+    proxy = start_proxy(None)
+    s3 = proxy.client()
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"0123456789")
+    read(s3, bucket, "obj")
+    with pytest.raises(ClientError) as caught:
+        s3.get_object(Bucket=bucket, Key="obj", Range="bytes=10-")
+    response = caught.value.response
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 416
+    assert response["ResponseMetadata"]["HTTPHeaders"]["content-range"] == "bytes */10"
+    hits, _misses = wait_for_counters(proxy, hits=1, misses=1)
+    assert hits == 1
+
+
+def test_fleet_overwrite_visible(
+    start_proxy: Callable[..., CacheProxy], bucket: str, redis_server: RedisServer
+) -> None:
+    """An overwrite through proxy B is what proxy A returns right after B's response."""
+    proxy_a = start_proxy(redis_server.url)
+    proxy_b = start_proxy(redis_server.url)
+    wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 2,
+               what="both proxies to subscribe")
+    a, b = proxy_a.client(), proxy_b.client()
+    a.put_object(Bucket=bucket, Key="obj", Body=b"old")
+    assert read(a, bucket, "obj") == b"old"
+    assert read(a, bucket, "obj") == b"old"
+
+    for round_number in range(5):
+        body = f"new {round_number}".encode()
+        b.put_object(Bucket=bucket, Key="obj", Body=body)
+        assert read(a, bucket, "obj") == body
+
+
+def test_delete_objects_invalidates(
+    start_proxy: Callable[..., CacheProxy], bucket: str, redis_server: RedisServer
+) -> None:
+    """DeleteObjects through proxy B evicts the keys it names from proxy A."""
+    proxy_a = start_proxy(redis_server.url)
+    proxy_b = start_proxy(redis_server.url)
+    wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 2,
+               what="both proxies to subscribe")
+    a, b = proxy_a.client(), proxy_b.client()
+    a.put_object(Bucket=bucket, Key="gone", Body=b"cached")
+    assert read(a, bucket, "gone") == b"cached"
+    b.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "gone"}]})
+    with pytest.raises(ClientError) as caught:
+        a.get_object(Bucket=bucket, Key="gone")
+    assert caught.value.response["Error"]["Code"] == "NoSuchKey"
+
+
+def test_pubsub_kill_empties_cache(
+    start_proxy: Callable[..., CacheProxy],
+    relay: Relay,
+    bucket: str,
+    redis_server: RedisServer,
+    s3_server: MotoServer,
+) -> None:
+    """After CLIENT KILL TYPE pubsub the proxy forgets its entries, so it misses no write."""
+    proxy = start_proxy(redis_server.url)
+    redis = redis_server.client()
+    wait_until(lambda: redis.pubsub_numsub(CHANNEL)[0][1] == 1, what="the subscription")
+    s3 = proxy.client()
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"v1")
+    assert read(s3, bucket, "obj") == b"v1"
+    assert read(s3, bucket, "obj") == b"v1"
+    assert backend_gets(relay, bucket, "obj") == 1
+
+    killed = redis.client_kill_filter(_type="pubsub")
+    direct(s3_server).put_object(Bucket=bucket, Key="obj", Body=b"v2")
+    assert killed == 1
+    wait_until(lambda: redis.pubsub_numsub(CHANNEL)[0][1] == 1, what="the resubscription")
+    assert read(s3, bucket, "obj") == b"v2"
+
+
+def test_redis_down_stops_caching(
+    start_proxy: Callable[..., CacheProxy],
+    relay: Relay,
+    bucket: str,
+    redis_server: RedisServer,
+    s3_server: MotoServer,
+) -> None:
+    """While Redis is down every GET goes to the backend; caching resumes when it returns."""
+    proxy = start_proxy(redis_server.url)
+    wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 1,
+               what="the subscription")
+    s3 = proxy.client()
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"v1")
+    assert read(s3, bucket, "obj") == b"v1"
+    assert read(s3, bucket, "obj") == b"v1"
+    assert backend_gets(relay, bucket, "obj") == 1
+
+    redis_server.stop()
+    direct(s3_server).put_object(Bucket=bucket, Key="obj", Body=b"v2")
+    # The loss is noticed when the connection closes; until then the proxy may still answer.
+    wait_until(lambda: read(s3, bucket, "obj") == b"v2", what="the proxy to drop its entry")
+    before = backend_gets(relay, bucket, "obj")
+    assert read(s3, bucket, "obj") == b"v2"
+    assert read(s3, bucket, "obj") == b"v2"
+    assert backend_gets(relay, bucket, "obj") == before + 2
+
+    redis_server.start()
+    wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 1,
+               what="the resubscription")
+    read(s3, bucket, "obj")
+    read(s3, bucket, "obj")
+    assert backend_gets(relay, bucket, "obj") == before + 3
+
+
+def test_wrong_signature_rejected(
+    start_proxy: Callable[..., CacheProxy], relay: Relay, bucket: str
+) -> None:
+    """A GET of a cached object with a wrong signature gets 403 and no cached byte."""
+    proxy = start_proxy(None)
+    s3 = proxy.client()
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"secret bytes")
+    assert read(s3, bucket, "obj") == b"secret bytes"
+    assert read(s3, bucket, "obj") == b"secret bytes"
+
+    intruder = proxy.client(secret_key="wrong-secret")
+    with pytest.raises(ClientError) as caught:
+        intruder.get_object(Bucket=bucket, Key="obj")
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert caught.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    hits, misses = wait_for_counters(proxy, hits=1, misses=1)
+    assert hits == 1
+    assert misses == 1
+
+
+def test_concurrent_gets_one_fetch(
+    start_proxy: Callable[..., CacheProxy], relay: Relay, bucket: str, s3_server: MotoServer
+) -> None:
+    """Fifty concurrent GETs of one uncached object make one backend GET."""
+    proxy = start_proxy(None)
+    body = bytes(range(256)) * 4096  # 1 MiB, so that the fill takes a while
+    direct(s3_server).put_object(Bucket=bucket, Key="big", Body=body)
+    s3 = proxy.client(max_pool_connections=64)
+    barrier = threading.Barrier(50)
+    results: list[bytes] = []
+    lock = threading.Lock()
+
+    def get() -> None:
+        barrier.wait()
+        data = read(s3, bucket, "big")
+        with lock:
+            results.append(data)
+
+    threads = [threading.Thread(target=get) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(results) == 50
+    assert all(data == body for data in results)
+    assert backend_gets(relay, bucket, "big") == 1
+    hits, misses = wait_for_counters(proxy, hits=49, misses=1)
+    assert misses == 1
+    assert hits == 49
+
+
+def test_storm_bound_holds(
+    start_proxy: Callable[..., CacheProxy], bucket: str, s3_server: MotoServer
+) -> None:
+    """A storm of distinct keys keeps s3proxy_cache_bytes within max_bytes."""
+    max_bytes = 100_000
+    proxy = start_proxy(None, max_bytes=max_bytes, max_object_bytes=30_000)
+    backend = direct(s3_server)
+    for index in range(60):
+        backend.put_object(Bucket=bucket, Key=f"k{index}", Body=bytes([index]) * 9_000)
+    s3 = proxy.client()
+    seen: list[float] = []
+    for index in range(60):
+        assert read(s3, bucket, f"k{index}") == bytes([index]) * 9_000
+        if index % 10 == 9:
+            seen += cache_samples(proxy.scrape()).get("s3proxy_cache_bytes", [])
+
+    wait_until(lambda: counter(proxy, "s3proxy_cache_misses_total") == 60,
+               what="60 misses to be flushed")
+    samples = cache_samples(proxy.scrape())
+    seen += samples["s3proxy_cache_bytes"]
+    assert max(seen) <= max_bytes
+    assert samples["s3proxy_cache_bytes"][0] > 0
+    assert 0 < samples["s3proxy_cache_entries"][0] < 60
