@@ -1,7 +1,7 @@
 """``RedisCollector``: builds Prometheus metric families from a :class:`MetricStore`.
 
-Every scrape reads the store once (one pipeline of a fixed list of keys, never ``KEYS`` or
-``SCAN``) and renders each family from its stored definition, so a standalone exporter
+Every scrape reads the store in one pipeline of a fixed list of keys, never ``KEYS`` or
+``SCAN``, and renders each family from its stored definition, so a standalone exporter
 needs none of the writers' code. Besides the stored families it exposes its own metrics:
 
 ``s3proxy_redis_up``

@@ -4,7 +4,8 @@
 handlers do (text 0.0.4 by default, text 1.0.0, OpenMetrics), compresses with gzip when
 ``Accept-Encoding`` allows it and honours ``name[]`` query parameters. Collection blocks on
 the store, so it runs in a thread. When a collection takes longer than the timeout, the
-response is a 503.
+response is a 503. Concurrent requests for the same format and names share one collection,
+so a slow store does not pile up threads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +26,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from collector.flusher import RunInThread
 
 __all__ = ["HealthResource", "MetricsResource", "metrics_root"]
+
+
+_RenderKey = tuple[str, str, tuple[str, ...]]
+"""Accept header, Accept-Encoding header and ``name[]`` values of a request."""
+
+_Rendered = tuple[str, bytes, bool]
+"""Content type, body and whether the body is gzip-compressed."""
 
 
 class _NameFilter:
@@ -54,8 +62,9 @@ class MetricsResource(Resource):
     :param on_timeout: called on the reactor thread after each timeout, e.g.
         ``RedisCollector.record_timeout``.
 
-    Note: a timed-out collection keeps running in its thread until the store answers or
-    its client times out; only the response is given up.
+    Note: a timed-out collection keeps running in its thread until the store replies or
+    its client times out; only the response is given up. Requests that arrive meanwhile
+    wait for that collection instead of starting another one.
     """
 
     isLeaf = True
@@ -77,13 +86,14 @@ class MetricsResource(Resource):
         self.timeout = timeout
         self._run_in_thread = run_in_thread
         self._on_timeout = on_timeout
+        self._waiting: dict[_RenderKey, list[Deferred[_Rendered]]] = {}
 
     def render_GET(self, request: Request) -> object:
         accept = _header(request, b"accept")
         accept_encoding = _header(request, b"accept-encoding")
         names = [name.decode("utf-8", "replace") for name in request.args.get(b"name[]", [])]
 
-        rendering = self._run_in_thread(self._render, accept, accept_encoding, names)
+        rendering = self._shared_render((accept, accept_encoding, tuple(names)))
         rendering.addTimeout(self.timeout, self.clock)
         finished = False
 
@@ -95,7 +105,7 @@ class MetricsResource(Resource):
 
         request.notifyFinish().addErrback(client_gone)
 
-        def respond(result: tuple[str, bytes, bool]) -> None:
+        def respond(result: _Rendered) -> None:
             nonlocal finished
             if finished:
                 return
@@ -134,9 +144,34 @@ class MetricsResource(Resource):
         rendering.addErrback(lambda failure: self._log.failure("BUG: could not respond", failure))
         return NOT_DONE_YET
 
+    def _shared_render(self, key: _RenderKey) -> Deferred[_Rendered]:
+        # Each request gets its own Deferred, so that a timeout or a client that went
+        # away cancels only that request and not the collection others wait for.
+        mine: Deferred[_Rendered] = Deferred()
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+
+        # The runner may call back at once (a synchronous runner in tests), so the
+        # waiter list must exist before the collection starts.
+        self._waiting[key] = [mine]
+        rendering = self._run_in_thread(self._render, *key)
+        rendering.addBoth(self._deliver, key)
+        return mine
+
+    def _deliver(self, result: _Rendered | Failure, key: _RenderKey) -> None:
+        for waiter in self._waiting.pop(key):
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
     def _render(
         self, accept: str, accept_encoding: str, names: Sequence[str]
-    ) -> tuple[str, bytes, bool]:
+    ) -> _Rendered:
         # Runs in a thread.
         encoder, content_type = choose_encoder(accept)
         registry: Collector = _NameFilter(self.registry, names) if names else self.registry

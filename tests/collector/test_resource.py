@@ -125,14 +125,66 @@ def test_timeout_shown_next_scrape(monitoring: Any, clock: Clock) -> None:
 
 
 def test_client_gone(clock: Clock) -> None:
-    """A client that disconnects cancels the response; nothing is written afterwards."""
+    """A client that disconnects gets nothing written when the collection finishes."""
     pending: Deferred[Any] = Deferred()
     resource = MetricsResource(CollectorRegistry(), clock, lambda *args: pending)
     request = _get(resource)
     request.processingFailed(Exception("connection lost"))
+    written = list(request.written)
+    pending.callback(("text/plain", b"late", False))
 
-    assert pending.called
+    assert request.written == written
     assert clock.getDelayedCalls() == []
+
+
+def test_concurrent_scrapes_share(clock: Clock) -> None:
+    """Concurrent requests for the same format share one collection and both get it."""
+    calls: list[Deferred[Any]] = []
+
+    def runner(*args: Any) -> Deferred[Any]:
+        calls.append(Deferred())
+        return calls[-1]
+
+    resource = MetricsResource(CollectorRegistry(), clock, runner)
+    first, second = _get(resource), _get(resource)
+    calls[0].callback(("text/plain", b"body", False))
+
+    assert len(calls) == 1
+    assert _body(first) == "body"
+    assert _body(second) == "body"
+
+
+def test_timed_out_collection_joined(clock: Clock) -> None:
+    """A request after a timeout waits for the collection still running, not a new one."""
+    calls: list[Deferred[Any]] = []
+
+    def runner(*args: Any) -> Deferred[Any]:
+        calls.append(Deferred())
+        return calls[-1]
+
+    resource = MetricsResource(CollectorRegistry(), clock, runner, timeout=5)
+    timed_out = _get(resource)
+    clock.advance(5)
+    later = _get(resource)
+    calls[0].callback(("text/plain", b"body", False))
+
+    assert timed_out.responseCode == 503
+    assert len(calls) == 1
+    assert _body(later) == "body"
+
+
+def test_different_formats_separate(clock: Clock) -> None:
+    """Requests for different formats do not share a collection."""
+    calls: list[Deferred[Any]] = []
+
+    def runner(*args: Any) -> Deferred[Any]:
+        calls.append(Deferred())
+        return calls[-1]
+
+    resource = MetricsResource(CollectorRegistry(), clock, runner)
+    _get(resource)
+    _get(resource, {"Accept": "application/openmetrics-text"})
+    assert len(calls) == 2
 
 
 def test_healthz() -> None:
