@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -293,3 +294,24 @@ def test_storm_bound_holds(
     assert max(seen) <= max_bytes
     assert samples["s3proxy_cache_bytes"][0] > 0
     assert 0 < samples["s3proxy_cache_entries"][0] < 60
+
+
+def test_ttl_revalidates(
+    start_proxy: Callable[..., CacheProxy], relay: Relay, bucket: str, s3_server: MotoServer
+) -> None:
+    """After ttl an entry is revalidated: a 304 keeps it, a write behind the proxy replaces it."""
+    proxy = start_proxy(None, ttl=0.5)
+    s3 = proxy.client()
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"v1")
+    assert read(s3, bucket, "obj") == b"v1"  # miss
+    time.sleep(0.6)  # let the entry age past ttl
+    assert read(s3, bucket, "obj") == b"v1"  # revalidated by a 304: hit
+    revalidations = relay.requests_seen("GET", f"/{bucket}/obj")
+    assert len(revalidations) == 2
+
+    direct(s3_server).put_object(Bucket=bucket, Key="obj", Body=b"v2")
+    time.sleep(0.6)
+    assert read(s3, bucket, "obj") == b"v2"  # revalidated by a 200: miss
+    hits, misses = wait_for_counters(proxy, hits=1, misses=2)
+    assert hits == 1
+    assert misses == 2
