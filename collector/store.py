@@ -85,7 +85,8 @@ class Snapshot:
     :ivar help: family name -> stored help text.
     :ivar families: family name -> field -> value, for the families requested that exist.
     :ivar heartbeats: writer id -> last flush time in seconds.
-    :ivar undecodable: family name -> number of fields or values that were not UTF-8.
+    :ivar undecodable: family name -> number of fields or values that were not UTF-8,
+        plus one when the family's key could not be read (e.g. it is not a hash).
     """
 
     schemas: dict[str, str] = field(default_factory=dict)
@@ -398,7 +399,8 @@ class RedisStore:
         Runs in a thread. The number of commands depends only on ``len(names)``, never on
         the other keys in the database.
 
-        :raises redis.RedisError: when Redis cannot be reached.
+        :raises redis.RedisError: when Redis cannot be reached, or the metadata or
+            heartbeat key cannot be read.
         """
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.meta_key)
@@ -406,7 +408,11 @@ class RedisStore:
             pipe.zrange(self.heartbeat_key, 0, -1, withscores=True)
             for name in names:
                 pipe.hgetall(self.family_key(name))
-            replies = pipe.execute()
+            # A family key of the wrong type fails alone; the other replies stay usable.
+            replies = pipe.execute(raise_on_error=False)
+        for reply in replies[:3]:
+            if isinstance(reply, Exception):
+                raise reply
 
         snapshot = Snapshot()
         undecodable = snapshot.undecodable
@@ -415,7 +421,9 @@ class RedisStore:
         for writer, score in replies[2]:
             snapshot.heartbeats[writer.decode("utf-8", "replace")] = float(score)
         for name, reply in zip(names, replies[3:], strict=True):
-            if reply:
+            if isinstance(reply, Exception):
+                undecodable[name] = undecodable.get(name, 0) + 1
+            elif reply:
                 snapshot.families[name] = _decode_hash(reply, undecodable, name)
         return snapshot
 

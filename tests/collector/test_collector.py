@@ -210,6 +210,23 @@ def test_non_utf8_field_skipped(redis_store: RedisStore, exporter: CollectorRegi
                         {"family": "s3proxy_cache_hits_total"}) == 1
 
 
+def test_wrong_type_key_skipped(redis_store: RedisStore, exporter: CollectorRegistry) -> None:
+    """A family key that is not a hash skips that family only and is counted."""
+    _writer(redis_store, WRITER_A, 1000, lambda m: (
+        m.cache_hits_total.inc(),
+        m.cache_misses_total.inc(),
+    ))
+    generate_latest(exporter)  # the first scrape discovers the families
+    key = redis_store.family_key("s3proxy_cache_misses_total")
+    redis_store.client.delete(key)
+    redis_store.client.set(key, "not a hash")
+
+    assert sample_value(exporter, "s3proxy_redis_up") == 1
+    assert sample_value(exporter, "s3proxy_collector_malformed_fields",
+                        {"family": "s3proxy_cache_misses_total"}) == 1
+    assert sample_value(exporter, "s3proxy_cache_hits_total") == 1
+
+
 LABEL_VALUES = ['quote"d', "back\\slash", "new\nline", "é漢🙂", 'all"\\\n三']
 
 
