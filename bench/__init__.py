@@ -1,0 +1,1 @@
+"""Benchmarks of s3proxy; run them with ``python -m bench`` (see ``bench/__main__.py``)."""

@@ -1,0 +1,284 @@
+"""Servers the benchmarks start: redis-server, nginx and Python processes.
+
+Every server listens on 127.0.0.1 on a free port and is stopped by its process id, with
+SIGTERM first and SIGKILL after a grace period. :class:`Processes` stops everything it
+started, also when a benchmark fails halfway.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import redis
+
+__all__ = [
+    "REPO_ROOT",
+    "MissingProgramError",
+    "Process",
+    "Processes",
+    "free_port",
+    "peak_rss_kib",
+    "require_programs",
+    "wait_for_port",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+START_TIMEOUT = 30.0  # seconds a server may take to listen
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+
+# How to install each program the benchmarks need, on Debian or Ubuntu.
+INSTALL_HINTS = {
+    "redis-server": "apt-get install -y redis-server",
+    "nginx": "apt-get install -y nginx",
+    "wrk": "apt-get install -y wrk",
+    "curl": "apt-get install -y curl",
+}
+
+
+class MissingProgramError(RuntimeError):
+    """A program the benchmarks need is not on PATH."""
+
+
+def require_programs(names: Sequence[str]) -> None:
+    """Raise :class:`MissingProgramError` naming every missing program and its install line."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        packages = " ".join(INSTALL_HINTS.get(name, name).split()[-1] for name in missing)
+        raise MissingProgramError(
+            f"required programs not found on PATH: {', '.join(missing)}; install them with "
+            f"`sudo apt-get install -y {packages}` (Debian or Ubuntu) and run the command again"
+        )
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections.
+
+    :raises RuntimeError: when the process exits first or the port stays closed for
+        ``START_TIMEOUT`` seconds; the message ends with the process's log.
+    """
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args!r} exited with status {process.returncode} before listening "
+                f"on 127.0.0.1:{port}{_log_tail(log_path)}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(
+        f"nothing listened on 127.0.0.1:{port} after {START_TIMEOUT} s{_log_tail(log_path)}"
+    )
+
+
+def _log_tail(log_path: Path, lines: int = 30) -> str:
+    if not log_path.exists():
+        return ""
+    text = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return f"\nlast lines of {log_path}:\n" + "\n".join(text)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """Return the peak resident set size (VmHWM) of process ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM line")
+
+
+class Process:
+    """One started server process, stopped by its pid.
+
+    :ivar port: the port it listens on, or None.
+    :ivar log_path: where its stdout and stderr go.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log_path: Path,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.port = port
+        with log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+            )
+        if port is not None:
+            try:
+                wait_for_port(port, self.popen, log_path)
+            except RuntimeError:
+                self.stop()
+                raise
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.popen.pid
+
+    def stop(self) -> None:
+        """Send SIGTERM to the pid, and SIGKILL when it has not exited after a grace period."""
+        if self.popen.poll() is not None:
+            return
+        os.kill(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=STOP_TIMEOUT)
+
+
+class Processes:
+    """The servers one benchmark started; :meth:`stop_all` stops them newest first.
+
+    :param directory: where configuration files, data and logs go.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._started: list[Process] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Process:
+        """Start ``argv`` with its output in ``<directory>/<name>.log``; wait for ``port``."""
+        process = Process(argv, self.directory / f"{name}.log", port, env, self.directory)
+        self._started.append(process)
+        return process
+
+    def stop(self, process: Process) -> None:
+        """Stop one process this object started."""
+        process.stop()
+        if process in self._started:
+            self._started.remove(process)
+
+    def stop_all(self) -> None:
+        """Stop every process still running, newest first."""
+        while self._started:
+            self._started.pop().stop()
+
+    def redis(self, name: str = "redis") -> tuple[Process, redis.Redis]:
+        """Start redis-server from the repository's ``redis.conf``; return it and a client.
+
+        Port, bind address, data directory and logging are overridden; the rest (append
+        only file with ``appendfsync everysec``) is the configuration the project ships.
+        """
+        port = free_port()
+        data = self.directory / f"{name}-data"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "redis-server", str(REPO_ROOT / "redis.conf"),
+            "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--daemonize", "no", "--logfile", "", "--save", "",
+        ]
+        process = self.start(name, argv, port)
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                client.ping()
+                return process, client
+            except redis.BusyLoadingError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def nginx(self, name: str, server_blocks: str, worker_processes: int = 1) -> Process:
+        """Start nginx in the foreground with ``server_blocks`` in its ``http`` block.
+
+        nginx runs with its own prefix directory and configuration, never the system
+        service; every ``listen`` in ``server_blocks`` must name 127.0.0.1.
+        """
+        prefix = self.directory / name
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        config = prefix / "nginx.conf"
+        config.write_text(
+            f"""
+worker_processes {worker_processes};
+daemon off;
+master_process on;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    default_type application/octet-stream;
+{server_blocks}
+}}
+"""
+        )
+        # nginx reports a bad configuration on stderr and exits; the log keeps it.
+        ports = [int(port) for port in _listen_ports(server_blocks)]
+        process = self.start(name, ["nginx", "-p", str(prefix), "-c", str(config)])
+        for port in ports:
+            wait_for_port(port, process.popen, process.log_path)
+        return process
+
+    def python(
+        self, name: str, args: Sequence[str], port: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Process:
+        """Start ``python args`` with this repository first on ``PYTHONPATH``."""
+        full_env = dict(os.environ if env is None else env)
+        path = [str(REPO_ROOT)]
+        if full_env.get("PYTHONPATH"):
+            path.append(full_env["PYTHONPATH"])
+        full_env["PYTHONPATH"] = os.pathsep.join(path)
+        return self.start(name, [sys.executable, *args], port, full_env)
+
+
+def _listen_ports(server_blocks: str) -> list[str]:
+    ports = []
+    for line in server_blocks.splitlines():
+        words = line.strip().rstrip(";").split()
+        if words[:1] == ["listen"] and len(words) > 1:
+            if not words[1].startswith("127.0.0.1:"):
+                raise ValueError(f"nginx listen {words[1]!r} is not on 127.0.0.1")
+            ports.append(words[1].rpartition(":")[2])
+    return ports
