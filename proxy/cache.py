@@ -8,8 +8,8 @@ returns a Deferred that fires with one of
 - :class:`Hit`: write it with :meth:`ObjectCache.serve` (handles Range, HEAD and conditionals);
 - :class:`Miss`: forward the request, adding ``Miss.backend_headers``, and stream the backend
   response through ``Miss.fill`` (``start``, ``write``, ``finish`` or ``abort``). When
-  ``fill.start()`` returns a :class:`Hit` (a revalidation answered 304), drop the backend
-  response and serve that hit instead;
+  ``fill.start()`` returns a :class:`Hit` (the backend returned 304 to a revalidation), drop
+  the backend response and serve that hit instead;
 - :class:`NotCacheable`: forward the request as if there were no cache.
 
 Writes call :meth:`ObjectCache.invalidate` when they start and again when they complete; the
@@ -515,7 +515,7 @@ class Miss:
     """
     A request the gateway forwards, streaming the backend response through ``fill``.
 
-    :ivar backend_headers: headers to add to the backend request before signing it; it holds
+    :ivar backend_headers: headers to add to the backend request before signing it. It contains
         ``If-None-Match`` when the request revalidates a stale entry.
     """
 
@@ -525,7 +525,7 @@ class Miss:
 
 @dataclass(frozen=True)
 class NotCacheable:
-    """A request the cache does not take part in; ``reason`` says why, for debug logs."""
+    """A request the cache does not take part in; ``reason`` is the cause, for debug logs."""
 
     reason: str
 
@@ -589,7 +589,7 @@ class Fill:
         if not self._storing:
             return None
 
-        reason = self._refusal(status, headers)
+        reason = self._unstorable_reason(status, headers)
         if reason is not None:
             self._give_up(reason)
             return None
@@ -653,7 +653,7 @@ class Fill:
 
     # Internals.
 
-    def _refusal(self, status: int, headers: Headers) -> str | None:
+    def _unstorable_reason(self, status: int, headers: Headers) -> str | None:
         """Return why a backend response must not be stored, or None if it may."""
         if status != 200:
             return f"backend status {status}"
@@ -965,10 +965,9 @@ class ObjectCache(Service):
         self._entries.clear()
         self._versions.clear()
         self._stored_bytes = 0
-        flights = list(self._flights.values())
+        # Leaders still settle their flights, and the epoch check keeps them from storing.
         self._flights.clear()
         self._publish_gauges()
-        del flights  # Their leaders settle them; the epoch check keeps them from storing.
 
     # InvalidationListener.
 

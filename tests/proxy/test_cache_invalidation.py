@@ -227,6 +227,7 @@ DELETE_BODY = (
         ("delete_objects", "POST", None, DELETE_BODY, ["a.txt", "dir/b & c.txt"]),
         ("delete_objects", "POST", None, None, None),
         ("delete_objects", "POST", None, b"<Delete><Object>", None),
+        ("delete_objects", "POST", None, b'<!doctype d [<!ENTITY e "k">]><Delete/>', None),
     ],
 )
 def test_written_keys(
