@@ -65,15 +65,15 @@ __all__ = [
     "validate_checksum_name",
 ]
 
-# The largest aws-chunked chunk accepted, in bytes. Clients choose the chunk size (botocore
-# uses 1 MiB, the AWS SDKs 64 KiB to 1 MiB); a larger chunk is rejected so that one chunk can
-# be held in memory until its signature is checked.
+# The largest aws-chunked chunk accepted, in bytes. Clients choose the chunk size: botocore
+# uses 1 MiB and the AWS SDKs 64 KiB to 1 MiB. A larger chunk is rejected, because a whole
+# chunk is held in memory until its signature is checked.
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 
-# Longest chunk-size line accepted: hex size plus ";chunk-signature=" and 64 hex digits,
-# with room for extensions.
+# Maximum length of a chunk-size line: a hex size, ";chunk-signature=" and 64 hex digits,
+# with room for other extensions.
 _MAX_CHUNK_LINE = 4096
-# Largest trailer section accepted, in bytes.
+# Maximum size of the trailer section, in bytes.
 _MAX_TRAILER_SECTION = 16 * 1024
 
 CHECKSUM_ALGORITHMS = (
@@ -361,10 +361,10 @@ class _AwsChunkedVerifier(_VerifierBase):
     """
     Decodes an aws-chunked body and verifies chunk signatures and trailer checksums.
 
-    Wire format, one line per item, every line ending in CRLF:
-    ``<hex size>[;chunk-signature=<sig>]``, the chunk data, an empty line; a last chunk of
-    size 0; then trailer lines ``name:value`` (and ``x-amz-trailer-signature:<sig>`` when
-    signed) and an empty line.
+    Wire format, every line ending in CRLF: a line ``<hex size>[;chunk-signature=<sig>]``,
+    the chunk data and an empty line, repeated. The last chunk has size 0 and no data. Then
+    come trailer lines ``name:value`` (plus ``x-amz-trailer-signature:<sig>`` when signed)
+    and an empty line.
     """
 
     def __init__(self, auth: RequestAuth) -> None:

@@ -12,12 +12,12 @@ The body is verified by the object that ``RequestAuth.payload_verifier()`` retur
 
 Canonical forms that clients produce differently, and which are all accepted:
 
-- Path: the raw path as sent (botocore and S3 use it unchanged), or the path decoded once and
-  re-encoded with the SigV4 rules (SDKs that sign the decoded key).
-- Query: each key and value decoded and re-encoded with the SigV4 rules, ``+`` read as a
-  space as in HTML forms (S3 and MinIO do this), or the raw pairs sorted as sent (botocore
-  signs the query of a URL this way). The two differ only for a query that is not encoded
-  the canonical way, such as one with a literal ``+``.
+- Path: the raw path as sent (botocore signs S3 paths unchanged), or the path decoded once
+  and re-encoded with the SigV4 rules (MinIO's verifier builds it this way).
+- Query: each key and value decoded and re-encoded with the SigV4 rules, reading ``+`` as a
+  space as HTML forms do (MinIO's verifier does the same). Or the raw pairs sorted as sent,
+  which is how botocore signs the query of a URL. The two differ only for a query that is
+  not encoded the canonical way, such as one with a literal ``+``.
 """
 
 from __future__ import annotations
@@ -154,9 +154,9 @@ class RequestAuth:
     :ivar signing_key: the derived SigV4 key for ``scope``; never log it.
     :ivar content_sha256: the payload mode: a hex SHA-256, ``UNSIGNED-PAYLOAD`` or one of the
         ``STREAMING-*`` values.
-    :ivar decoded_content_length: for aws-chunked bodies, the value of
-        ``x-amz-decoded-content-length`` in bytes, or None if the client did not send it; for
-        other bodies None (use ``Content-Length``).
+    :ivar decoded_content_length: the value of ``x-amz-decoded-content-length`` in bytes for
+        an aws-chunked body. It is None if the client did not send it, and for other bodies
+        (which use ``Content-Length``).
     :ivar trailer_names: lower-case header names that the client announced in
         ``x-amz-trailer``.
     :ivar checksum_headers: ``x-amz-checksum-<algorithm>`` values that the client sent as

@@ -7,6 +7,7 @@ import hmac
 from typing import Any
 
 import pytest
+from botocore.utils import percent_encode
 from twisted.web.http_headers import Headers
 
 from proxy.sigv4 import (
@@ -16,6 +17,7 @@ from proxy.sigv4 import (
     sign_request,
     verify_request,
 )
+from tests.support.sigv4_front import verify_with_botocore
 from tests.support.sigv4_signing import (
     ACCESS_KEY,
     REGION,
@@ -686,3 +688,33 @@ def test_lowercase_percent_escape() -> None:
     assert request.target == b"/bucket/a%2Ab"
     lowered = CapturedRequest("GET", request.url.replace("%2A", "%2a"), request.headers, b"")
     assert _verify(lowered).forward_target == b"/bucket/a%2ab"
+
+
+# --- sign_request checked by botocore (the test front's verifier) ---
+
+
+@pytest.mark.parametrize("key", TRICKY_KEYS)
+def test_sign_request_botocore_accepts(key: str) -> None:
+    """A backend request signed by sign_request for a tricky key passes botocore's check."""
+    url = "http://127.0.0.1:9000/bucket/" + percent_encode(key, safe="/~")
+    headers = sign_request(
+        "PUT", url, {"Content-Type": "text/plain"}, "UNSIGNED-PAYLOAD", "AK", "SK", REGION, 1e9
+    )
+    verdict = verify_with_botocore(
+        "PUT", raw_target(url).decode(), list(headers.items()), None, {"AK": "SK"}, REGION
+    )
+    assert verdict.ok
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["uploads", "partNumber=2&uploadId=a%2Bb%2Fc%3D%3D", "prefix=a+b", "list-type=2&prefix=%c3%bc"],
+)
+def test_sign_request_query_botocore_accepts(query: str) -> None:
+    """Backend query strings, canonical or not, are signed the way botocore checks them."""
+    url = f"http://127.0.0.1:9000/bucket?{query}"
+    headers = sign_request("GET", url, {}, "UNSIGNED-PAYLOAD", "AK", "SK", REGION, 1e9)
+    verdict = verify_with_botocore(
+        "GET", raw_target(url).decode(), list(headers.items()), None, {"AK": "SK"}, REGION
+    )
+    assert verdict.ok
