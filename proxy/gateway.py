@@ -31,12 +31,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import UNKNOWN_LENGTH
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from proxy.cache import CacheRequest, Hit, Miss, ObjectCache
 from proxy.cache import Outcome as CacheOutcome
@@ -315,8 +317,15 @@ class GatewayChannel(http.HTTPChannel):
         )
 
 
+@implementer(IProtocolNegotiationFactory)
 class GatewayFactory(ServerFactory):
-    """Builds a L{GatewayChannel} per client connection."""
+    """
+    Builds a L{GatewayChannel} per client connection.
+
+    It offers C{http/1.1} over ALPN: with no protocol to offer, a TLS listener of Twisted
+    26.10 with pyOpenSSL 26 fails the handshake of every client that sends ALPN, as urllib3
+    (and so boto3) does.
+    """
 
     def __init__(self, gateway: Gateway, idle_timeout: float | None = 300.0) -> None:
         self.gateway = gateway
@@ -331,6 +340,9 @@ class GatewayFactory(ServerFactory):
 
     def log(self, request: http.Request) -> None:
         """Write nothing: L{Exchange.complete} writes the access log line."""
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
 
 
 class Exchange:
