@@ -249,6 +249,8 @@ class RedisInvalidationBus:
         # Creating a client opens no connection; redis-py clients are thread-safe.
         self._publisher = client_factory()
         self._stopping = threading.Event()
+        # Set by the subscriber thread once the current connection's SUBSCRIBE is confirmed.
+        self._ready = False
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -333,23 +335,43 @@ class RedisInvalidationBus:
     def _run(self, listener: InvalidationListener) -> None:
         """Subscribe, deliver, and on any error report the loss and try again (runs in a thread)."""
         delay = 0.1
+        failed_attempts = 0
         while not self._stopping.is_set():
+            self._ready = False
             try:
                 self._listen(listener)
             except (redis.RedisError, OSError) as err:
                 if self._stopping.is_set():
                     break
+                if self._ready:
+                    # A confirmed subscription broke, so a new outage starts here.
+                    delay = 0.1
+                    failed_attempts = 0
+                failed_attempts += 1
                 self._reactor.callFromThread(listener.subscription_lost, str(err))
-                self._log.warn(
-                    "Cache invalidation subscription to {channel} lost: {error}; the cache is"
-                    " emptied and stays off until the subscription is back, next attempt in"
-                    " {delay:.1f} s",
-                    channel=self._channel,
-                    error=str(err),
-                    delay=delay,
-                )
+                self._log_failure(err, failed_attempts, delay)
             self._stopping.wait(delay)
             delay = min(delay * 2, self._max_backoff)
+
+    def _log_failure(self, err: Exception, failed_attempts: int, delay: float) -> None:
+        """Warn once per outage; later attempts of the same outage log at debug level."""
+        if failed_attempts == 1:
+            self._log.warn(
+                "Cache invalidation subscription to {channel} lost: {error}; the cache is"
+                " emptied and stays off until the subscription is back; next attempt in"
+                " {delay:.1f} s, later ones up to {max_backoff:.1f} s apart",
+                channel=self._channel,
+                error=str(err),
+                delay=delay,
+                max_backoff=self._max_backoff,
+            )
+        else:
+            self._log.debug(
+                "Cache invalidation subscription to {channel}: attempt {attempt} failed: {error}",
+                channel=self._channel,
+                attempt=failed_attempts,
+                error=str(err),
+            )
 
     def _listen(self, listener: InvalidationListener) -> None:
         """Hold one subscription until it fails or the bus closes (runs in a thread)."""
@@ -379,6 +401,7 @@ class RedisInvalidationBus:
     def _dispatch(self, listener: InvalidationListener, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "subscribe":
+            self._ready = True
             self._log.info(
                 "Cache invalidation subscription to {channel} ready", channel=self._channel
             )
