@@ -988,8 +988,9 @@ def sign_request(
     :param method: the HTTP method, upper case.
     :param url: the exact URL that goes on the wire, already percent-encoded. Its path is
         used without decoding or re-encoding; its query is canonicalized like a client's.
-    :param headers: the headers to send, names in any case. Existing ``Authorization``,
-        ``X-Amz-Date`` and ``X-Amz-Content-SHA256`` headers are replaced.
+    :param headers: the headers to send, names in any case, values as the wire bytes decoded
+        as ISO-8859-1 (how Twisted's ``Headers`` and http.client encode text). Existing
+        ``Authorization``, ``X-Amz-Date`` and ``X-Amz-Content-SHA256`` headers are replaced.
     :param payload_sha256: hex SHA-256 of the body, or ``UNSIGNED-PAYLOAD``.
     :param access_key: the backend's access key id.
     :param secret_key: the backend's secret access key.
@@ -998,6 +999,8 @@ def sign_request(
     :param service: the scope service.
     :return: a new dict with ``headers`` plus ``Host`` (if it was missing), ``X-Amz-Date``,
         ``X-Amz-Content-SHA256`` and ``Authorization``.
+    :raises ValueError: if ``url`` is not percent-encoded ASCII or a header value has a
+        character above U+00FF.
     """
     parts = urlsplit(url)
     replaced = {"authorization", "x-amz-date", "x-amz-content-sha256"}
@@ -1008,11 +1011,20 @@ def sign_request(
     result["X-Amz-Date"] = amz_date
     result["X-Amz-Content-SHA256"] = payload_sha256
 
+    # The canonical request must hold the bytes that go on the wire, and Twisted and
+    # http.client send header values encoded as ISO-8859-1.
     to_sign: dict[str, list[bytes]] = {}
     for name, value in result.items():
         lowered = name.lower()
         if lowered not in _UNSIGNABLE_HEADERS:
-            to_sign.setdefault(lowered, []).append(value.encode("utf-8"))
+            try:
+                encoded = value.encode("latin-1")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"header {name!r} value {value!r} has characters above U+00FF; pass the "
+                    "wire bytes decoded as ISO-8859-1"
+                ) from error
+            to_sign.setdefault(lowered, []).append(encoded)
     signed_names = sorted(to_sign)
 
     try:

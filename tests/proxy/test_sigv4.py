@@ -718,3 +718,36 @@ def test_sign_request_query_botocore_accepts(query: str) -> None:
         "GET", raw_target(url).decode(), list(headers.items()), None, {"AK": "SK"}, REGION
     )
     assert verdict.ok
+
+
+def test_sign_request_utf8_metadata() -> None:
+    """A UTF-8 metadata value, passed as its wire bytes in ISO-8859-1, passes botocore's check."""
+    wire_value = "Zoë – ключ".encode().decode("latin-1")
+    url = "http://127.0.0.1:9000/bucket/k"
+    headers = sign_request(
+        "PUT", url, {"x-amz-meta-name": wire_value}, "UNSIGNED-PAYLOAD", "AK", "SK", REGION, 1e9
+    )
+    verdict = verify_with_botocore(
+        "PUT",
+        "/bucket/k",
+        [(n, v.encode("latin-1").decode("utf-8")) for n, v in headers.items()],
+        None,
+        {"AK": "SK"},
+        REGION,
+    )
+    assert verdict.ok
+
+
+def test_sign_request_rejects_wide_header() -> None:
+    """A header value with characters above U+00FF raises ValueError naming the header."""
+    with pytest.raises(ValueError, match="x-amz-meta-name"):
+        sign_request(
+            "PUT",
+            "http://h/b/k",
+            {"x-amz-meta-name": "ключ"},
+            "UNSIGNED-PAYLOAD",
+            "AK",
+            "SK",
+            REGION,
+            1e9,
+        )
