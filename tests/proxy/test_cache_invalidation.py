@@ -245,3 +245,28 @@ def test_unknown_keys_empty_cache() -> None:
     store(cache, "other", b"hello")
     cache.invalidate("bucket", None)
     assert len(cache) == 0
+
+
+def test_outage_warns_once(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """Repeated failed attempts during one outage log one warning, not one per attempt."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = ThreadReactor()
+        listener = RecordingListener()
+        bus = make_bus(server, "proxy-a", reactor)
+        buses.append(bus)
+        server.connected = False
+        bus.subscribe(listener)
+        reactor.run_until(lambda: listener.events.count(("lost",)) >= 3)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [
+        event
+        for event in events
+        if event["log_level"].name == "warn"
+        and event.get("log_namespace", "").startswith("proxy.cache_invalidation")
+    ]
+    assert len(warnings) == 1
