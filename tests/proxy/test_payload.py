@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import proxy.payload as payload_module
 from proxy.payload import MAX_CHUNK_SIZE, PayloadVerifier, supported_checksum_algorithms
 from proxy.sigv4 import AuthError, RequestAuth, verify_request
 from tests.support.sigv4_signing import (
@@ -470,3 +471,13 @@ def test_signature_of_helper() -> None:
     """The helper reads the signature botocore wrote (guards the other tests' setup)."""
     headers = botocore_sign_headers("GET", "http://s3.test/b/k", [], EMPTY_SHA256)
     assert len(signature_of(headers)) == 64
+
+
+def test_trailer_without_awscrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without awscrt, a CRC32C trailer is rejected before the body, never accepted unchecked."""
+    monkeypatch.delitem(payload_module._CHECKSUM_FACTORIES, "crc32c")
+    with pytest.raises(AuthError) as info:
+        _signed_stream_auth(
+            "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER", 3, "x-amz-checksum-crc32c"
+        )
+    assert (info.value.code, "awscrt" in info.value.message) == ("InvalidRequest", True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -245,3 +247,36 @@ def test_anonymous_rejected(front: SigV4Front) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{front.endpoint}/some-bucket/key", timeout=30)
     assert info.value.code == 403
+
+
+@pytest.mark.integration
+def test_sign_request_through_front(front: SigV4Front) -> None:
+    """A PUT signed by proxy.sigv4.sign_request, with a UTF-8 metadata value, reaches moto."""
+    from proxy.sigv4 import sign_request
+
+    bucket = _bucket()
+    _client(front).create_bucket(Bucket=bucket)
+    body = b"signed by the proxy"
+    target = f"/{bucket}/dir/a%20b%2Bc%24.txt"
+    url = front.endpoint + target
+    headers = sign_request(
+        "PUT",
+        url,
+        {"Content-Length": str(len(body)), "x-amz-meta-note": "caf\xc3\xa9"},
+        hashlib.sha256(body).hexdigest(),
+        ACCESS_KEY,
+        SECRET_KEY,
+        REGION,
+        time.time(),
+    )
+    connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
+    connection.putrequest("PUT", target, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        connection.putheader(name, value)
+    connection.endheaders(body)
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    stored = _client(front).get_object(Bucket=bucket, Key="dir/a b+c$.txt")
+    assert (response.status, front.stats.rejected) == (200, 0)
+    assert stored["Body"].read() == body
