@@ -28,6 +28,8 @@ BenchmarkRun = Callable[[Context], Benchmark]
 # fails before returning its own). Modules are imported only when their benchmark runs.
 BENCHMARKS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "recording": ("bench.recording", ("redis-server",), "Recording cost per call"),
+    "flush": ("bench.flush", ("redis-server",), "Flush cost"),
+    "scrape": ("bench.scrape", ("redis-server",), "Scrape cost"),
 }
 
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
