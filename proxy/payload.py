@@ -90,6 +90,7 @@ CHECKSUM_ALGORITHMS = (
 """Algorithms S3 accepts in ``x-amz-checksum-<algorithm>``."""
 
 _CHECKSUM_PREFIX = "x-amz-checksum-"
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _HEX_SIZE = re.compile(rb"^[0-9a-fA-F]{1,16}$")
 _TRAILER_SIGNATURE = "x-amz-trailer-signature"
 
@@ -388,7 +389,8 @@ class _AwsChunkedVerifier(_VerifierBase):
         self._chunk_index = 0
         self._chunk_remaining = 0
         self._chunk_signature = ""
-        self._chunk_data = bytearray()
+        self._chunk_hash = hashlib.sha256()
+        self._chunk_pieces: list[bytes] = []
         self._raw_offset = 0
         self._trailer_bytes = 0
         self._trailer_signature: str | None = None
@@ -409,53 +411,55 @@ class _AwsChunkedVerifier(_VerifierBase):
         self._finished = True
         return self._tail.release_all()
 
-    # Parsing works on self._buffer from position 0 and drops consumed bytes once per feed,
-    # so a large feed is not shifted again for every chunk it contains.
+    # Each feed parses one bytes object and keeps only the unparsed rest (at most a partial
+    # line), so a large feed is not copied again for every chunk it contains.
     def _consume(self, data: bytes) -> bytes:
-        self._buffer += data
+        buffer = bytes(self._buffer) + data if self._buffer else bytes(data)
+        view = memoryview(buffer)
         position = 0
         released = []
         while True:
             if self._state == "size_line":
-                end = self._buffer.find(b"\r\n", position)
+                end = buffer.find(b"\r\n", position)
                 if end == -1:
-                    if len(self._buffer) - position > _MAX_CHUNK_LINE:
+                    if len(buffer) - position > _MAX_CHUNK_LINE:
                         raise self._malformed(position, "the chunk-size line is too long")
                     break
-                self._start_chunk(bytes(self._buffer[position:end]), position)
+                self._start_chunk(buffer[position:end], position)
                 position = end + 2
             elif self._state == "data":
-                available = min(self._chunk_remaining, len(self._buffer) - position)
+                available = min(self._chunk_remaining, len(buffer) - position)
                 if available == 0:
                     break
-                piece = bytes(self._buffer[position : position + available])
+                piece = view[position : position + available]
                 position += available
                 self._chunk_remaining -= available
                 if self._signed:
-                    self._chunk_data += piece
+                    self._chunk_hash.update(piece)
+                    self._chunk_pieces.append(bytes(piece))
                 else:
-                    released.append(self._accept(piece))
+                    released.append(self._accept(bytes(piece)))
                 if self._chunk_remaining == 0:
                     self._state = "data_end"
             elif self._state == "data_end":
-                if len(self._buffer) - position < 2:
+                if len(buffer) - position < 2:
                     break
-                if self._buffer[position : position + 2] != b"\r\n":
+                if buffer[position : position + 2] != b"\r\n":
                     raise self._malformed(position, "chunk data is not followed by CRLF")
                 position += 2
                 if self._signed:
-                    chunk = bytes(self._chunk_data)
-                    self._chunk_data = bytearray()
-                    self._verify_chunk(chunk)
+                    chunk = b"".join(self._chunk_pieces)
+                    self._chunk_pieces = []
+                    self._verify_chunk(len(chunk), self._chunk_hash.hexdigest())
                     released.append(self._accept(chunk))
                 self._state = "size_line"
             elif self._state == "trailer":
-                end = self._buffer.find(b"\r\n", position)
+                end = buffer.find(b"\r\n", position)
                 if end == -1:
-                    if self._trailer_bytes + len(self._buffer) - position > _MAX_TRAILER_SECTION:
+                    if self._trailer_bytes + len(buffer) - position > _MAX_TRAILER_SECTION:
                         raise self._trailer_error("the trailer section is too large")
                     break
-                line = bytes(self._buffer[position:end])
+                line = buffer[position:end]
                 position = end + 2
                 self._trailer_bytes += len(line) + 2
                 if self._trailer_bytes > _MAX_TRAILER_SECTION:
@@ -465,11 +469,12 @@ class _AwsChunkedVerifier(_VerifierBase):
                 else:
                     self._end_trailers()
             else:
-                if position < len(self._buffer):
+                if position < len(buffer):
                     raise self._malformed(position, "data follows the end of the aws-chunked body")
                 break
+        view.release()
         self._raw_offset += position
-        del self._buffer[:position]
+        self._buffer = bytearray(buffer[position:])
         return b"".join(released)
 
     def _start_chunk(self, line: bytes, position: int) -> None:
@@ -497,25 +502,23 @@ class _AwsChunkedVerifier(_VerifierBase):
             self._chunk_signature = signature.strip().decode("latin-1")
         if size == 0:
             if self._signed:
-                self._verify_chunk(b"")
+                self._verify_chunk(0, _EMPTY_SHA256)
             self._state = "trailer"
         else:
             self._chunk_remaining = size
+            self._chunk_hash = hashlib.sha256()
             self._state = "data"
 
-    def _verify_chunk(self, chunk: bytes) -> None:
+    def _verify_chunk(self, size: int, chunk_sha256: str) -> None:
         string_to_sign = chunk_string_to_sign(
-            self._amz_date,
-            self._scope,
-            self._previous_signature,
-            hashlib.sha256(chunk).hexdigest(),
+            self._amz_date, self._scope, self._previous_signature, chunk_sha256
         )
         expected = hmac_sha256_hex(self._signing_key, string_to_sign)
         if not _signatures_equal(expected, self._chunk_signature):
             raise AuthError(
                 "SignatureDoesNotMatch",
                 f"The signature of aws-chunked chunk {self._chunk_index} "
-                f"({len(chunk)} bytes) does not match the chunk data.",
+                f"({size} bytes) does not match the chunk data.",
                 403,
                 {"StringToSign": string_to_sign},
             )
