@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.servers import START_TIMEOUT, _log_tail, _terminate, free_port, require_binary
+from tests.support.servers import START_TIMEOUT, free_port, log_tail, require_binary, terminate
 
 __all__ = ["PrometheusError", "PrometheusServer", "Sample"]
 
@@ -131,7 +131,7 @@ class PrometheusServer:
     def stop(self) -> None:
         """Stop with SIGTERM and wait for the process to exit."""
         if self.process is not None:
-            _terminate(self.process)
+            terminate(self.process)
 
     def __enter__(self) -> PrometheusServer:
         return self.start()
@@ -224,7 +224,7 @@ class PrometheusServer:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"prometheus exited with {self.process.returncode} before it was ready"
-                    f"{_log_tail(self.log_path)}"
+                    f"{log_tail(self.log_path)}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
@@ -236,6 +236,6 @@ class PrometheusServer:
                 self.stop()
                 raise RuntimeError(
                     f"prometheus on port {self.port} was not ready after {START_TIMEOUT} s"
-                    f"{_log_tail(self.log_path)}"
+                    f"{log_tail(self.log_path)}"
                 )
             time.sleep(POLL_INTERVAL)

@@ -60,7 +60,7 @@ def wait_for_port(port: int, timeout: float = START_TIMEOUT,
         if process is not None and process.poll() is not None:
             raise RuntimeError(
                 f"process {process.args!r} exited with {process.returncode} before listening "
-                f"on port {port}{_log_tail(log_path)}"
+                f"on port {port}{log_tail(log_path)}"
             )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -68,18 +68,18 @@ def wait_for_port(port: int, timeout: float = START_TIMEOUT,
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(
-        f"nothing listened on 127.0.0.1:{port} after {timeout} s{_log_tail(log_path)}"
+        f"nothing listened on 127.0.0.1:{port} after {timeout} s{log_tail(log_path)}"
     )
 
 
-def _log_tail(log_path: Path | None, lines: int = 40) -> str:
+def log_tail(log_path: Path | None, lines: int = 40) -> str:
     if log_path is None or not log_path.exists():
         return ""
     text = log_path.read_text(errors="replace").splitlines()[-lines:]
     return "\nlast lines of " + str(log_path) + ":\n" + "\n".join(text)
 
 
-def _terminate(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def terminate(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     if process.poll() is not None:
         return
     process.send_signal(sig)
@@ -151,12 +151,12 @@ class RedisServer:
     def stop(self) -> None:
         """Stop with SIGTERM: Redis finishes writing its AOF first."""
         if self.process is not None:
-            _terminate(self.process)
+            terminate(self.process)
 
     def kill(self) -> None:
         """Stop with SIGKILL, as a crash would."""
         if self.process is not None:
-            _terminate(self.process, signal.SIGKILL)
+            terminate(self.process, signal.SIGKILL)
 
     def restart(self) -> None:
         """Stop and start again on the same port and data directory."""
@@ -201,7 +201,7 @@ class MotoServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            _terminate(self.process)
+            terminate(self.process)
 
 
 def twistd_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -232,8 +232,12 @@ def twistd_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def twistd_argv(plugin: str, *args: str, log_path: Path | None = None,
                 pid_path: Path | None = None) -> list[str]:
-    """Return the command line that runs ``twistd -n <plugin> <args>`` in the foreground."""
-    argv = [sys.executable, "-m", "twisted", "--nodaemon"]
+    """Return the command line that runs ``twistd -n <plugin> <args>`` in the foreground.
+
+    ``python -m twisted`` would start the newer ``twist`` runner, which has other options, so
+    the command calls twistd's entry point through this interpreter.
+    """
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon"]
     argv += ["--pidfile", str(pid_path) if pid_path else ""]
     if log_path is not None:
         argv += ["--logfile", str(log_path)]
@@ -276,7 +280,7 @@ class TwistdProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"twistd exited with {self.process.returncode} before {url} answered"
-                    f"{_log_tail(self.log_path)}{_log_tail(self.log_path.with_suffix('.out'))}"
+                    f"{log_tail(self.log_path)}{log_tail(self.log_path.with_suffix('.out'))}"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=2):
@@ -286,19 +290,19 @@ class TwistdProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(
-            f"{url} did not answer after {START_TIMEOUT} s{_log_tail(self.log_path)}"
+            f"{url} did not answer after {START_TIMEOUT} s{log_tail(self.log_path)}"
         )
 
     def stop(self) -> int | None:
         """Send SIGTERM, wait for the exit, and return the exit code."""
         if self.process is None:
             return None
-        _terminate(self.process)
+        terminate(self.process)
         return self.process.returncode
 
     def kill(self) -> None:
         if self.process is not None:
-            _terminate(self.process, signal.SIGKILL)
+            terminate(self.process, signal.SIGKILL)
 
     def log_text(self) -> str:
         parts = [p.read_text(errors="replace") for p in
