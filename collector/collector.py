@@ -77,6 +77,8 @@ class RedisCollector:
         renders the families listed in the store's metadata.
     :param gauge_ttl: seconds after a writer's last heartbeat when its gauge values are
         dropped and removed from the store; see :func:`default_gauge_ttl`.
+        NOTE: heartbeats carry the writer's clock and are compared with ``clock``, so
+        hosts whose clocks differ by more than the TTL lose their gauges.
     :param sequence_retention: seconds after which a silent writer's sequence record is
         removed along with a prune.
     :raises ValueError: for a gauge TTL that is not > 0.
