@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from collector.buffer import DeltaBuffer, HistogramDelta, SeriesKey
 from collector.definitions import (
@@ -164,6 +164,12 @@ class _Family(Generic[ChildT]):
         :raises ValueError: when the values do not match the family's label names, or
             when the family has no labels.
         """
+        # Fast path: string values of a series seen before are their own cache key.
+        if values and not named:
+            cached = self._children.get(cast("tuple[str, ...]", values))
+            if cached is not None:
+                return cached
+
         label_names = self.definition.labels
         if not label_names:
             raise ValueError(
@@ -187,7 +193,7 @@ class _Family(Generic[ChildT]):
                     f"{len(values)} label values given for {self.definition.name!r}; "
                     f"expected {len(label_names)}: {list(label_names)!r}"
                 )
-            key = tuple(str(value) for value in values)
+            key = tuple(map(str, values))
 
         child = self._children.get(key)
         if child is None:

@@ -41,6 +41,17 @@ def test_labels_converted_to_str(metrics: Metrics) -> None:
     assert ("s3proxy_requests_total", ("get_object", "404")) in metrics.buffer.counters
 
 
+def test_cached_labels_not_aliased(metrics: Metrics) -> None:
+    """Non-string values never reuse the series of a different string value."""
+    metrics.requests_total.labels("get_object", "1").inc()
+    metrics.requests_total.labels("get_object", True).inc()
+    metrics.requests_total.labels("get_object", 1).inc()
+
+    counters = metrics.buffer.counters
+    assert counters[("s3proxy_requests_total", ("get_object", "1"))] == 2
+    assert counters[("s3proxy_requests_total", ("get_object", "True"))] == 1
+
+
 def test_unlabelled_counter(metrics: Metrics) -> None:
     """A family without labels is incremented directly."""
     metrics.cache_hits_total.inc()
