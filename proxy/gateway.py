@@ -40,6 +40,7 @@ from twisted.web.client import UNKNOWN_LENGTH
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from proxy.affinity import REWRITTEN_OPERATIONS, AffinityError, rewrite_response, route_query
 from proxy.cache import CacheRequest, Hit, Miss, ObjectCache
 from proxy.cache import Outcome as CacheOutcome
 from proxy.cache_invalidation import written_keys
@@ -113,6 +114,10 @@ class BackendPool(Protocol):
         """
         ...
 
+    def attempt_started(self, backend_id: str) -> None:
+        """Count one attempt as in flight until its L{report}."""
+        ...
+
 
 class StaticBackendPool:
     """A pool that sends every request to the first configured backend."""
@@ -126,6 +131,9 @@ class StaticBackendPool:
         return [self._first]
 
     def report(self, backend_id: str, outcome: Outcome, reason: str) -> None:
+        pass
+
+    def attempt_started(self, backend_id: str) -> None:
         pass
 
 
@@ -162,6 +170,7 @@ class Gateway:
         self.cache = cache
         self.new_request_id = new_request_id
         self.users = {user.access_key: user.secret_key for user in config.users}
+        self.backend_ids = frozenset(backend.id for backend in config.backends)
 
     def record(self, operation: str, code: str, seconds: float) -> None:
         """Record one client request in C{requests_total} and C{request_latency_seconds}."""
@@ -384,6 +393,9 @@ class Exchange:
         self.completed = False
         self.failed_request = False
         self.backend_id: str | None = None
+        self.pinned_backend: str | None = None
+        self.rewrite_buffer: list[bytes] | None = None
+        self.forward_target = b""
         self.expects_body = length != 0
         self.body_wanted = False
         self.cache_lookup: Deferred[CacheOutcome] | None = None
@@ -423,9 +435,13 @@ class Exchange:
                 region=self.gateway.config.server.region,
             )
             self.verifier = self.auth.payload_verifier()
+            self._route_affinity()
             self._choose_body_mode()
         except AuthError as err:
             self.fail(S3Error(err.code, err.message, err.status))
+            return False
+        except AffinityError as err:
+            self.fail(S3Error(err.code, str(err), err.status))
             return False
         except S3Error as err:
             self.fail(err)
@@ -447,6 +463,19 @@ class Exchange:
                 headers={"Allow": "GET, HEAD, PUT, POST, DELETE"},
             )
         raise S3Error("NotImplemented", "the request method is not implemented", 501)
+
+    def _route_affinity(self) -> None:
+        """
+        Find the backend that an upload ID or continuation token names, and strip the prefix
+        that the proxy added to it from the target sent to the backend.
+
+        @raise AffinityError: a token names no configured backend.
+        """
+        assert self.auth is not None
+        path, mark, query = self.auth.forward_target.partition(b"?")
+        pinned, stripped = route_query(query.decode("latin-1"), self.gateway.backend_ids)
+        self.pinned_backend = pinned
+        self.forward_target = path + mark + stripped.encode("latin-1")
 
     def _declared_body_length(self) -> int | None:
         assert self.auth is not None
@@ -547,6 +576,7 @@ class Exchange:
             bucket=self.bucket,
             key=self.key,
             replayable=self.body_mode != "streaming",
+            backend_id=self.pinned_backend,
         )
         self._invalidate_written_keys()
         if self.answer_from_cache(info):
@@ -638,7 +668,7 @@ class Exchange:
             headers = [(n, v) for n, v in headers if n != "x-amz-sdk-checksum-algorithm"]
         return OutgoingRequest(
             method=self.method,
-            target=self.auth.forward_target,
+            target=self.forward_target,
             headers=headers,
             payload_sha256=self.auth.backend_payload_sha256,
             body=body,
@@ -648,6 +678,7 @@ class Exchange:
     def _send_attempt(self, index: int) -> None:
         backend = self.plan[index]
         self.backend_id = backend.id
+        self.gateway.pool.attempt_started(backend.id)
         attempt = self.gateway.forwarder.send(backend, self._outgoing())
         self.attempt = attempt
         attempt.addCallbacks(
@@ -766,9 +797,18 @@ class Exchange:
         self.metric_status = status
 
         capture = _CAPTURE_LIMIT if self.operation == "complete_multipart_upload" else 0
+        # Upload IDs and continuation tokens get the backend id before the client sees them,
+        # so these small XML bodies are collected and written by _relay_finished.
+        collected: list[bytes] | None = None
+        if self.operation in REWRITTEN_OPERATIONS and 200 <= status < 300:
+            collected = self.rewrite_buffer = []
+
         def write(data: bytes) -> None:
             if fill is not None:
                 fill.write(data)
+            if collected is not None:
+                collected.append(data)
+                return
             request.write(data)
 
         relay = ResponseRelay(
@@ -778,7 +818,8 @@ class Exchange:
             capture_limit=capture,
         )
         self.relay = relay
-        request.write(b"")
+        if collected is None:
+            request.write(b"")
         response.deliverBody(relay)
         relay.done.addCallbacks(
             lambda _: self._relay_finished(backend, relay),
@@ -790,6 +831,11 @@ class Exchange:
         self.relay = None
         if self.cache_fill is not None:
             self.cache_fill.finish()
+        if self.rewrite_buffer is not None and not self.completed:
+            body = rewrite_response(self.operation, b"".join(self.rewrite_buffer), backend.id)
+            length = str(len(body)).encode("ascii")
+            self.request.responseHeaders.setRawHeaders(b"Content-Length", [length])
+            self.request.write(body)
         status = self.status or 502
         if status == 200 and relay.captured:
             in_body = error_status_in_body(relay.captured)

@@ -116,6 +116,8 @@ class RequestInfo:
     @ivar request_id: the id sent back in C{x-amz-request-id} and written to the access log.
     @ivar replayable: whether the body can be sent again to another backend (no body, or a body
         buffered completely), which is what allows a retry.
+    @ivar backend_id: the backend that an upload ID or continuation token in the query names
+        (see C{proxy.affinity}); the request may go nowhere else. L{None} when it names none.
     """
 
     request_id: str
@@ -124,6 +126,7 @@ class RequestInfo:
     bucket: str | None
     key: str | None
     replayable: bool
+    backend_id: str | None = None
 
 
 def parse_target(

@@ -2,9 +2,10 @@
 Options and service for C{twistd s3proxy}.
 
 C{makeService} builds one C{MultiService} holding the metrics flusher, the S3 listener, the
-C{/metrics} listener (unless turned off with C{[metrics] listen = ""}) and the backend
-connection pool. An invalid configuration raises C{usage.UsageError} from
-L{Options.postOptions}, so twistd prints the message and exits non-zero before listening.
+C{/metrics} and C{/status} listener (unless turned off with C{[metrics] listen = ""}), the
+backend manager with its health checks, and the backend connection pools. An invalid
+configuration raises C{usage.UsageError} from L{Options.postOptions}, so twistd prints the
+message and exits non-zero before listening.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from proxy.backends import BackendManager, StatusResource
 from proxy.cache import ObjectCache
 from proxy.cache_invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
 from proxy.config import Config, ConfigError, load_config
 from proxy.forward import Forwarder, make_agent
-from proxy.gateway import Gateway, GatewayFactory, StaticBackendPool
+from proxy.gateway import Gateway, GatewayFactory
+from proxy.health import HttpProbe
+from proxy.sigv4 import sign_request
 
 __all__ = ["Options", "makeService"]
 
@@ -103,6 +107,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     agent, pool = make_agent(reactor, config.server.connect_timeout)
     _ConnectionPoolService(pool).setServiceParent(root)
     forwarder = Forwarder(agent, reactor, config.server.request_timeout)
+
+    # Health checks use their own connection pool, whose connect timeout is the check timeout.
+    # The manager is added after that pool, so it stops (and its checks end) before the pool.
+    probe_agent, probe_pool = make_agent(reactor, config.health.timeout)
+    _ConnectionPoolService(probe_pool).setServiceParent(root)
+    manager = BackendManager(
+        config.backends,
+        config.health,
+        config.server.routing,
+        monitoring.metrics,
+        reactor,
+        HttpProbe(probe_agent, reactor, sign_request),
+    )
+    manager.setServiceParent(root)
     # Invalidations go through the metrics Redis; without one the cache is local only.
     bus: InvalidationBus = LocalInvalidationBus()
     if config.metrics.redis_url is not None:
@@ -116,7 +134,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         config,
         monitoring.metrics,
         forwarder,
-        StaticBackendPool(config.backends),
+        manager,
         reactor,
         cache=cache,
     )
@@ -127,6 +145,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics_root = Resource()
         metrics_resource: Any = monitoring.resource
         metrics_root.putChild(b"metrics", metrics_resource)
+        status_resource: Any = StatusResource(manager)
+        metrics_root.putChild(b"status", status_resource)
         site: Any = Site(metrics_root)
         strports.service(config.metrics.listen, site).setServiceParent(root)
     return root
