@@ -36,6 +36,7 @@ from twisted.web.server import Request
 
 from proxy.affinity import BACKEND_ID_PATTERN
 from proxy.health import Clock, DelayedCall, HealthChecker, Probe
+from proxy.operations import RequestInfo
 
 __all__ = [
     "BackendManager",
@@ -277,7 +278,7 @@ class BackendManager(Service):
 
     # Routing
 
-    def plan(self, info: object = None, backend_id: str | None = None) -> list[Any]:
+    def plan(self, info: RequestInfo) -> list[Any]:
         """Return the backends to try for one request, in order.
 
         The first entry gets the request, and the gateway may retry on the next ones. When the
@@ -287,14 +288,14 @@ class BackendManager(Service):
         A ``PROBING`` backend that would be preferred over every ``UP`` one gets the request
         first while it has probe admissions left; this is how live traffic returns to it.
 
-        :param info: the request; the manager does not read it yet.
-        :param backend_id: the backend an affinity token names (see :mod:`proxy.affinity`).
-            Such a request goes only there, and only when it is ``UP`` or a probe admission
-            is left.
+        :param info: the request. When ``info.backend_id`` is set (an affinity token names a
+            backend, see :mod:`proxy.affinity`), the request goes only to that backend, and
+            only when it is ``UP`` or has a probe admission left.
+        :raises KeyError: ``info.backend_id`` is not configured.
         """
         self.budget.deposit()
-        if backend_id is not None:
-            return self._plan_pinned(self._get(backend_id))
+        if info.backend_id is not None:
+            return self._plan_pinned(self._get(info.backend_id))
 
         up = sorted(
             (b for b in self._backends.values() if b.state is BackendState.UP),

@@ -225,14 +225,14 @@ def test_jitter_bounds(draw: float, expected: float) -> None:
 def test_failover_priority_order() -> None:
     """Under failover the plan lists the UP backends by priority."""
     h = make_manager([backend("c", 2), backend("a", 0), backend("b", 1)])
-    assert [b.id for b in h.manager.plan(None)] == ["a", "b", "c"]
+    assert h.plan() == ["a", "b", "c"]
 
 
 def test_failover_skips_down() -> None:
     """Under failover a DOWN backend gets no request and is not a retry target."""
     h = make_manager()
     go_down(h, "a")
-    assert [b.id for b in h.manager.plan(None)] == ["b"]
+    assert h.plan() == ["b"]
 
 
 def test_failover_equal_priority() -> None:
@@ -253,7 +253,7 @@ def test_round_robin_fallbacks() -> None:
     """Round robin lists the other group members, then the worse priorities, as retries."""
     h = make_manager([backend("a"), backend("b"), backend("c", 1)], routing="round_robin")
     h.first()
-    assert [b.id for b in h.manager.plan(None)] == ["b", "a", "c"]
+    assert h.plan() == ["b", "a", "c"]
 
 
 def test_round_robin_next_group() -> None:
@@ -269,7 +269,7 @@ def test_all_down_empty_plan() -> None:
     h = make_manager()
     go_down(h, "a")
     go_down(h, "b")
-    assert h.manager.plan(None) == []
+    assert h.plan() == []
 
 
 # PROBING admission
@@ -289,7 +289,7 @@ def test_probe_request_has_fallback() -> None:
     h = make_manager()
     h.probe.answers["a"] = "hang"
     go_probing(h, "a")
-    assert [b.id for b in h.manager.plan(None)] == ["a", "b"]
+    assert h.plan() == ["a", "b"]
 
 
 def test_worse_probing_not_admitted() -> None:
@@ -297,7 +297,7 @@ def test_worse_probing_not_admitted() -> None:
     h = make_manager()
     h.probe.answers["b"] = "hang"
     go_probing(h, "b")
-    assert [b.id for b in h.manager.plan(None)] == ["a"]
+    assert h.plan() == ["a"]
 
 
 def test_admission_resets() -> None:
@@ -336,14 +336,14 @@ def test_traffic_returns_after_up() -> None:
 def test_pinned_up() -> None:
     """A request pinned to an UP backend goes there only, even when it is not preferred."""
     h = make_manager()
-    assert [b.id for b in h.manager.plan(None, backend_id="b")] == ["b"]
+    assert h.plan("b") == ["b"]
 
 
 def test_pinned_down() -> None:
     """A request pinned to a DOWN backend gets an empty plan."""
     h = make_manager()
     go_down(h, "b")
-    assert h.manager.plan(None, backend_id="b") == []
+    assert h.plan("b") == []
 
 
 def test_pinned_probing() -> None:
@@ -351,15 +351,15 @@ def test_pinned_probing() -> None:
     h = make_manager()
     h.probe.answers["b"] = "hang"
     go_probing(h, "b")
-    assert [b.id for b in h.manager.plan(None, backend_id="b")] == ["b"]
-    assert h.manager.plan(None, backend_id="b") == []
+    assert h.plan("b") == ["b"]
+    assert h.plan("b") == []
 
 
 def test_pinned_unknown() -> None:
     """A request pinned to an unknown backend raises KeyError naming it."""
     h = make_manager()
     with pytest.raises(KeyError, match="'zz'"):
-        h.manager.plan(None, backend_id="zz")
+        h.plan("zz")
 
 
 # Retry budget
@@ -368,12 +368,12 @@ def test_pinned_unknown() -> None:
 def test_budget_exhaustion() -> None:
     """Once failures have spent the budget, the plan holds one backend only."""
     h = make_manager(retry_budget=0.1)
-    assert len(h.manager.plan(None)) == 2
+    assert len(h.plan()) == 2
     for _ in range(10):
-        h.manager.plan(None)
+        h.plan()
         h.fail("a", reason="HTTP 500")
         h.succeed("a")
-    assert len(h.manager.plan(None)) == 1
+    assert len(h.plan()) == 1
 
 
 def test_budget_refills() -> None:

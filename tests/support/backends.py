@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from proxy.backends import BackendManager
 from proxy.config import BackendConfig, HealthConfig
 from proxy.health import HealthCheckError
+from proxy.operations import RequestInfo
 
 
 class FakeGaugeChild:
@@ -77,6 +78,11 @@ class FakeProbe:
         return d
 
 
+def request(backend_id: str | None = None) -> RequestInfo:
+    """Return a GetObject request, pinned to ``backend_id`` when given."""
+    return RequestInfo("req", "GET", "get_object", "bucket", "key", True, backend_id)
+
+
 def backend(backend_id: str, priority: int = 0) -> BackendConfig:
     """Return a backend configuration with made-up credentials."""
     return BackendConfig(
@@ -117,9 +123,13 @@ class Harness:
         for _ in range(times):
             self.manager.report(backend_id, "success", "HTTP 200")
 
+    def plan(self, backend_id: str | None = None) -> list[str]:
+        """Return the ids of the backends planned for one request."""
+        return [config.id for config in self.manager.plan(request(backend_id))]
+
     def first(self) -> str | None:
         """Return the id of the backend that would get the next request."""
-        plan = self.manager.plan(None)
+        plan = self.manager.plan(request())
         return plan[0].id if plan else None
 
 
