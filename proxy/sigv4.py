@@ -18,6 +18,13 @@ Canonical forms that clients produce differently, and which are all accepted:
   space as HTML forms do (MinIO's verifier does the same). Or the raw pairs sorted as sent,
   which is how botocore signs the query of a URL. The two differ only for a query that is
   not encoded the canonical way, such as one with a literal ``+``.
+
+Limitations:
+
+- Only ``AWS4-HMAC-SHA256`` is accepted. Signature Version 2, SigV4a (``AWS4-ECDSA-P256-SHA256``)
+  and browser POST policy uploads are rejected.
+- ``x-amz-security-token`` must be signed like any ``x-amz-*`` header, but its value is not
+  checked: users are static access keys, not temporary credentials.
 """
 
 from __future__ import annotations
@@ -123,7 +130,8 @@ class AuthError(Exception):
         signature. It may name the access key id.
     :ivar status: the HTTP status to send, for example 403.
     :ivar details: extra elements for the XML error body, such as ``StringToSign`` and
-        ``CanonicalRequest`` (as S3 sends them for ``SignatureDoesNotMatch``).
+        ``CanonicalRequest`` (as S3 sends them for ``SignatureDoesNotMatch``). They repeat the
+        client's signed header values back to it, so send them but do not log them.
     """
 
     def __init__(
