@@ -1,7 +1,9 @@
 """Failover end to end: twistd s3proxy in front of two relays to one S3 server, under boto3 load.
 
-Each relay is one backend. Stopping a relay makes its backend refuse connections, as a crashed
-server would; starting it again brings the backend back on the same address.
+The relays lead to a SigV4-verifying front before moto, so a request or health check that the
+proxy signs wrongly is rejected there. Each relay is one backend. Stopping a relay makes its
+backend refuse connections, as a crashed server would, and starting it again brings the
+backend back on the same address.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.relay import Relay
 from tests.support.servers import MotoServer, TwistdProcess, free_port, twistd_env
+from tests.support.sigv4_front import SigV4Front, start_front
 
 pytestmark = pytest.mark.integration
 
 CLIENT_KEY = "failover-client"
 CLIENT_SECRET = "failover-client-secret"
+BACKEND_KEY = "failover-backend"
+BACKEND_SECRET = "failover-backend-secret"
 
 # Health settings of the tests, in seconds. A short interval keeps the tests short; the
 # deadlines below add generous slack for a loaded 2-core CI machine.
@@ -47,6 +52,7 @@ class Proxy:
     port: int
     metrics_port: int
     relays: dict[str, Relay]
+    front: SigV4Front
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -126,8 +132,8 @@ def write_config(path: Path, port: int, metrics_port: int, relays: dict[str, Rel
 id = "{backend_id}"
 endpoint = "{relay.endpoint}"
 region = "us-east-1"
-access_key = "testing"
-secret_key = "testing"
+access_key = "{BACKEND_KEY}"
+secret_key = "{BACKEND_SECRET}"
 priority = {priorities[backend_id]}
 """
         for backend_id, relay in relays.items()
@@ -160,14 +166,15 @@ retry_budget = 0.5
 
 @pytest.fixture
 def start_proxy(s3_server: MotoServer, tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    """Return a function that starts the proxy with two relays to the S3 server."""
+    """Return a function that starts the proxy with two relays to the front of the S3 server."""
     started: list[Proxy] = []
 
     def start(routing: str = "failover", priorities: dict[str, int] | None = None,
               cooldown: float = 1.0) -> Proxy:
+        front = start_front(s3_server.endpoint, BACKEND_KEY, BACKEND_SECRET)
         relays = {
-            "primary": Relay(s3_server.port).start(),
-            "secondary": Relay(s3_server.port).start(),
+            "primary": Relay(front.port).start(),
+            "secondary": Relay(front.port).start(),
         }
         port, metrics_port = free_port(), free_port()
         config = tmp_path / "proxy.toml"
@@ -180,7 +187,7 @@ def start_proxy(s3_server: MotoServer, tmp_path: Path) -> Iterator[Callable[...,
             ready_url=f"http://127.0.0.1:{metrics_port}/status",
             log_path=log_path,
         )
-        proxy = Proxy(process, port, metrics_port, relays)
+        proxy = Proxy(process, port, metrics_port, relays, front)
         started.append(proxy)
         process.start()
         return proxy
@@ -190,6 +197,7 @@ def start_proxy(s3_server: MotoServer, tmp_path: Path) -> Iterator[Callable[...,
         proxy.process.stop()
         for relay in proxy.relays.values():
             relay.close()
+        proxy.front.stop()
 
 
 class Load:
@@ -298,6 +306,7 @@ def test_failover_under_load(start_proxy: Callable[..., Proxy]) -> None:
 
     assert load.errors == []
     assert load.requests > 20
+    assert proxy.front.stats.rejected == 0
     assert took < INTERVAL * FAILURES_TO_DOWN + TIMEOUT + SLACK
     assert gauge.steps["primary"][:3] == [1.0, 0.0, 0.5]
     assert gauge.steps["primary"][-2:] == [0.5, 1.0]
