@@ -964,15 +964,16 @@ class Exchange:
 
         A response that was sent completely counts with its status, anything else as 499.
         """
+        # Count first, so that the attempt cancelled below is seen as aborted by the client.
+        if not self.completed:
+            code = (self.metric_status or self.status or 499) if self.response_sent else 499
+            self.complete(code)
         if self.streaming_body is not None:
             self.streaming_body.fail(reason)
         if self.attempt is not None:
             self.attempt.cancel()
         if self.relay is not None:
             self.relay.stop()
-        if not self.completed:
-            code = (self.metric_status or self.status or 499) if self.response_sent else 499
-            self.complete(code)
 
     def complete(self, code: int) -> None:
         """Record the request's metrics and access log line; later calls do nothing."""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support.servers import TwistdProcess, free_port, twistd_env
+from tests.support.servers import TwistdProcess, free_port, twistd_argv, twistd_env
 from tests.support.tls import CertificateFiles
 
 # The credential clients of the proxy sign with.
@@ -19,27 +18,6 @@ CLIENT_SECRET_KEY = "proxy-client-secret"
 # The credential the proxy signs backend requests with.
 BACKEND_ACCESS_KEY = "backend-access"
 BACKEND_SECRET_KEY = "backend-secret"
-
-
-def s3proxy_argv(log_path: Path, *args: str) -> list[str]:
-    """
-    Return the command line of C{twistd --nodaemon s3proxy ARGS}.
-
-    C{twistd} is started through C{twisted.scripts.twistd.run}, because C{python -m twisted}
-    runs the C{twist} launcher, which has no C{--nodaemon}, C{--pidfile} or C{--logfile}.
-    """
-    return [
-        sys.executable,
-        "-c",
-        "from twisted.scripts.twistd import run; run()",
-        "--nodaemon",
-        "--pidfile",
-        "",
-        "--logfile",
-        str(log_path),
-        "s3proxy",
-        *args,
-    ]
 
 
 def _toml_value(value: object) -> str:
@@ -101,7 +79,7 @@ class ProxyProcess:
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.process = TwistdProcess(
-            s3proxy_argv(self.log_path, "--config", str(self.config_path)),
+            twistd_argv("s3proxy", "--config", str(self.config_path), log_path=self.log_path),
             twistd_env(),
             ready_url=self.metrics_url,
             log_path=self.log_path,

@@ -1,0 +1,355 @@
+"""Tests for proxy.gateway in memory: retries, failures, client aborts and metrics.
+
+The gateway runs on a StringTransport with a task.Clock; the forwarder is a fake that hands
+out Deferreds the test fires, so every step is driven by hand.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from proxy.config import BackendConfig, Config, parse_config
+from proxy.forward import OutgoingRequest
+from proxy.gateway import Gateway, GatewayChannel, GatewayFactory, StaticBackendPool
+from proxy.operations import RequestInfo
+from proxy.sigv4 import sign_request
+
+ACCESS_KEY = "client"
+SECRET_KEY = "client-secret"
+NOW = 1_700_000_000.0
+HOST = "127.0.0.1:9000"
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+class FakeChild:
+    def __init__(self, family: FakeFamily, labels: tuple[str, ...]) -> None:
+        self.family = family
+        self.labels = labels
+
+    def inc(self, amount: float = 1) -> None:
+        self.family.values[self.labels] += amount
+
+    def observe(self, value: float) -> None:
+        self.family.values[self.labels] += 1
+        self.family.observed.append((self.labels, value))
+
+
+class FakeFamily:
+    def __init__(self) -> None:
+        self.values: Counter[tuple[str, ...]] = Counter()
+        self.observed: list[tuple[tuple[str, ...], float]] = []
+
+    def labels(self, *values: str) -> FakeChild:
+        return FakeChild(self, tuple(values))
+
+
+class FakeMetrics:
+    """Records what the gateway counts, by label values."""
+
+    def __init__(self) -> None:
+        self.requests_total = FakeFamily()
+        self.request_latency_seconds = FakeFamily()
+        self.backend_requests_total = FakeFamily()
+
+
+class FakeResponse:
+    """A backend response whose body is delivered at once."""
+
+    def __init__(
+        self, code: int, body: bytes = b"", headers: dict[bytes, bytes] | None = None
+    ) -> None:
+        self.code = code
+        self.phrase = b"Phrase"
+        self.headers = Headers({k: [v] for k, v in (headers or {}).items()})
+        self.length = len(body)
+        self.body = body
+        self.stopped = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        if self.body:
+            protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+@dataclass
+class FakeForwarder:
+    """Hands out one Deferred per attempt and keeps what was sent."""
+
+    sent: list[tuple[BackendConfig, OutgoingRequest, Deferred[Any]]] = field(default_factory=list)
+
+    def send(self, backend: BackendConfig, request: OutgoingRequest) -> Deferred[Any]:
+        attempt: Deferred[Any] = Deferred()
+        self.sent.append((backend, request, attempt))
+        return attempt
+
+
+class RecordingPool:
+    """Plans every configured backend in order and records the reports."""
+
+    def __init__(self, backends: tuple[BackendConfig, ...]) -> None:
+        self.backends = list(backends)
+        self.reports: list[tuple[str, str]] = []
+
+    def plan(self, info: RequestInfo) -> list[BackendConfig]:
+        return list(self.backends)
+
+    def report(self, backend_id: str, outcome: str, reason: str) -> None:
+        self.reports.append((backend_id, outcome))
+
+    def attempt_started(self, backend_id: str) -> None:
+        pass
+
+
+def make_config(**server: Any) -> Config:
+    return parse_config(
+        {
+            "server": {"listen": "tcp:9000:interface=127.0.0.1", **server},
+            "metrics": {"listen": ""},
+            "users": [{"access_key": ACCESS_KEY, "secret_key": SECRET_KEY}],
+            "backends": [
+                {
+                    "id": "one",
+                    "endpoint": "http://127.0.0.1:1",
+                    "access_key": "a",
+                    "secret_key": "b",
+                },
+                {
+                    "id": "two",
+                    "endpoint": "http://127.0.0.1:2",
+                    "access_key": "a",
+                    "secret_key": "b",
+                },
+            ],
+        }
+    )
+
+
+@dataclass
+class Harness:
+    clock: Clock
+    metrics: FakeMetrics
+    forwarder: FakeForwarder
+    pool: Any
+    transport: StringTransport
+    channel: GatewayChannel
+
+    def send(self, method: str, path: str, body: bytes = b"", sha256: str = EMPTY_SHA256) -> None:
+        """Sign and send one request on the connection."""
+        headers = sign_request(
+            method,
+            f"http://{HOST}{path}",
+            {"host": HOST},
+            sha256,
+            ACCESS_KEY,
+            SECRET_KEY,
+            "us-east-1",
+            self.clock.seconds(),
+        )
+        if body or method in ("PUT", "POST"):
+            headers["Content-Length"] = str(len(body))
+        head = f"{method} {path} HTTP/1.1\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.channel.dataReceived(head.encode("latin-1") + b"\r\n" + body)
+
+    def output(self) -> bytes:
+        return self.transport.value()
+
+    def requests(self) -> Counter[tuple[str, ...]]:
+        return self.metrics.requests_total.values
+
+    def attempts(self) -> Counter[tuple[str, ...]]:
+        return self.metrics.backend_requests_total.values
+
+
+def harness(pool_kind: str = "recording", **server: Any) -> Harness:
+    config = make_config(**server)
+    clock = Clock()
+    clock.advance(NOW)
+    metrics = FakeMetrics()
+    forwarder = FakeForwarder()
+    pool: Any = (
+        RecordingPool(config.backends)
+        if pool_kind == "recording"
+        else StaticBackendPool(config.backends)
+    )
+    gateway = Gateway(
+        config,
+        metrics,
+        forwarder,
+        pool,
+        clock,
+        new_request_id=lambda: "REQUESTID",  # type: ignore[arg-type]
+    )
+    channel = GatewayFactory(gateway, idle_timeout=None).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return Harness(clock, metrics, forwarder, pool, transport, channel)
+
+
+def test_retry_after_connection_refused() -> None:
+    """A refused first backend is retried on the second, and both attempts are counted."""
+    h = harness()
+    h.send("GET", "/bucket/key")
+    h.forwarder.sent[0][2].errback(Failure(net_error.ConnectionRefusedError()))
+    h.forwarder.sent[1][2].callback(FakeResponse(200, b"data"))
+    assert h.output().startswith(b"HTTP/1.1 200 ")
+    assert h.output().endswith(b"data")
+    assert h.attempts() == Counter(
+        {("one", "get_object", "error"): 1, ("two", "get_object", "200"): 1}
+    )
+    assert h.requests() == Counter({("get_object", "200"): 1})
+    assert h.pool.reports == [("one", "failure"), ("two", "success")]
+
+
+def test_retry_after_503() -> None:
+    """A 503 from the first backend is retried; the client sees only the second answer."""
+    h = harness()
+    h.send("HEAD", "/bucket/key")
+    h.forwarder.sent[0][2].callback(FakeResponse(503, b"busy"))
+    h.forwarder.sent[1][2].callback(FakeResponse(200, headers={b"content-length": b"1234"}))
+    assert h.output().startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Length: 1234\r\n" in h.output()
+    assert h.requests() == Counter({("head_object", "200"): 1})
+    assert h.attempts()[("one", "head_object", "503")] == 1
+
+
+def test_last_failure_is_502() -> None:
+    """When every planned backend fails, the client gets 502 BadGateway as S3 XML."""
+    h = harness()
+    h.send("GET", "/bucket/key")
+    for _, _, attempt in list(h.forwarder.sent):
+        attempt.errback(Failure(net_error.ConnectionRefusedError()))
+    h.forwarder.sent[1][2].errback(Failure(net_error.ConnectionRefusedError()))
+    assert h.output().startswith(b"HTTP/1.1 502 ")
+    assert b"<Code>BadGateway</Code>" in h.output()
+    assert h.requests() == Counter({("get_object", "502"): 1})
+
+
+def test_timeout_is_504() -> None:
+    """A response timeout from the forwarder becomes 504 GatewayTimeout."""
+    from proxy.forward import BackendTimeout
+
+    h = harness(pool_kind="static")
+    h.send("GET", "/bucket/key")
+    h.forwarder.sent[0][2].errback(Failure(BackendTimeout(5.0)))
+    assert h.output().startswith(b"HTTP/1.1 504 ")
+    assert b"<Code>GatewayTimeout</Code>" in h.output()
+    assert h.requests() == Counter({("get_object", "504"): 1})
+
+
+def test_empty_plan_is_503() -> None:
+    """No backend to try gives 503 ServiceUnavailable with Retry-After."""
+    h = harness()
+    h.pool.backends = []
+    h.send("GET", "/bucket/key")
+    assert h.output().startswith(b"HTTP/1.1 503 ")
+    assert b"Retry-After: 1\r\n" in h.output()
+    assert h.forwarder.sent == []
+    assert h.requests() == Counter({("get_object", "503"): 1})
+
+
+def test_streamed_body_not_retried() -> None:
+    """A body larger than retry_body_max_bytes is streamed, so a failure is not retried."""
+    h = harness(retry_body_max_bytes=0)
+    h.send("PUT", "/bucket/key", b"body", sha256="UNSIGNED-PAYLOAD")
+    assert len(h.forwarder.sent) == 1
+    h.forwarder.sent[0][2].errback(Failure(net_error.ConnectionRefusedError()))
+    assert len(h.forwarder.sent) == 1
+    assert h.output().startswith(b"HTTP/1.1 502 ")
+    assert h.requests() == Counter({("put_object", "502"): 1})
+
+
+def test_buffered_body_retried() -> None:
+    """A buffered body is sent again, whole, to the next backend."""
+    h = harness()
+    h.send("PUT", "/bucket/key", b"body", sha256="UNSIGNED-PAYLOAD")
+    h.forwarder.sent[0][2].errback(Failure(net_error.ConnectionRefusedError()))
+    second = h.forwarder.sent[1][1].body
+    assert second is not None
+    assert second.length == 4
+    h.forwarder.sent[1][2].callback(FakeResponse(200))
+    assert h.requests() == Counter({("put_object", "200"): 1})
+
+
+def test_client_abort_cancels_backend() -> None:
+    """A client that leaves before the response is counted as 499 and its attempt cancelled."""
+    h = harness(pool_kind="static")
+    h.send("GET", "/bucket/key")
+    attempt = h.forwarder.sent[0][2]
+    h.channel.connectionLost(Failure(net_error.ConnectionDone()))
+    assert attempt.called
+    assert h.requests() == Counter({("get_object", "499"): 1})
+    assert h.attempts() == Counter({("one", "get_object", "error"): 1})
+
+
+def test_complete_upload_error_in_200() -> None:
+    """A 200 CompleteMultipartUpload with an <Error> body counts as that error's status."""
+    h = harness(pool_kind="static")
+    body = b"  \n<Error><Code>InternalError</Code><Message>x</Message></Error>"
+    # Upload IDs carry the id of the backend that issued them.
+    h.send("POST", "/bucket/key?uploadId=one~abc", b"<x/>", sha256="UNSIGNED-PAYLOAD")
+    h.forwarder.sent[0][2].callback(FakeResponse(200, body))
+    assert h.output().startswith(b"HTTP/1.1 200 ")
+    assert h.output().endswith(body)
+    assert h.requests() == Counter({("complete_multipart_upload", "500"): 1})
+    assert h.attempts() == Counter({("one", "complete_multipart_upload", "500"): 1})
+
+
+def test_auth_failure_counted_once() -> None:
+    """A request with a bad signature is answered 403, counted once, and never forwarded."""
+    h = harness()
+    h.channel.dataReceived(
+        b"GET /bucket/key HTTP/1.1\r\nhost: x\r\nauthorization: AWS4-HMAC-SHA256 "
+        b"Credential=client/20231114/us-east-1/s3/aws4_request, SignedHeaders=host, "
+        b"Signature=00\r\nx-amz-date: 20231114T221320Z\r\nx-amz-content-sha256: "
+        + EMPTY_SHA256.encode()
+        + b"\r\n\r\n"
+    )
+    assert h.output().startswith(b"HTTP/1.1 403 ")
+    assert h.forwarder.sent == []
+    assert sum(h.requests().values()) == 1
+
+
+def test_latency_from_clock() -> None:
+    """Latency is measured with the injected clock."""
+    h = harness(pool_kind="static")
+    h.send("GET", "/bucket/key")
+    h.clock.advance(2.5)
+    h.forwarder.sent[0][2].callback(FakeResponse(200, b"x"))
+    assert h.metrics.request_latency_seconds.observed == [(("get_object",), 2.5)]
+
+
+def test_persistent_connection_serves_two() -> None:
+    """Two requests on one connection are both answered and counted."""
+    h = harness(pool_kind="static")
+    h.send("GET", "/bucket/a")
+    h.forwarder.sent[0][2].callback(FakeResponse(200, b"first"))
+    h.send("GET", "/bucket/b")
+    h.forwarder.sent[1][2].callback(FakeResponse(404, b"<Error/>"))
+    assert h.output().count(b"HTTP/1.1 ") == 2
+    assert h.requests() == Counter({("get_object", "200"): 1, ("get_object", "404"): 1})
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [(b"OPTIONS / HTTP/1.1", 405), (b"BREW /b HTTP/1.1", 501)],
+)
+def test_unsupported_method(request_line: bytes, status: int) -> None:
+    """Methods S3 does not serve are answered without a signature check."""
+    h = harness()
+    h.channel.dataReceived(request_line + b"\r\nhost: x\r\n\r\n")
+    assert h.output().startswith(b"HTTP/1.1 %d " % status)
+    assert h.requests() == Counter({("other", str(status)): 1})
