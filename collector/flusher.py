@@ -194,7 +194,15 @@ class Flusher(Service):
         if not self._registered:
             self.store.register(self._definitions)
             self._registered = True
-        return self.store.apply(batch, now)
+        result = self.store.apply(batch, now)
+
+        # Redis lost its data (FLUSHALL, a restart without persistence): store the
+        # definitions again so that collectors can render the new deltas.
+        if result.metadata_missing:
+            self._registered = False
+            self.store.register(self._definitions)
+            self._registered = True
+        return result
 
     def _shipped(self, result: ApplyResult, batch: Batch) -> bool:
         if self._pending is batch:

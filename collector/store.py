@@ -71,10 +71,13 @@ class ApplyResult(NamedTuple):
     :ivar applied: false when the batch had been applied before (a resend).
     :ivar failed_operations: operations that Redis rejected, e.g. an increment of a field
         that contains no number. The rest of the batch is applied.
+    :ivar metadata_missing: true when the store holds no definitions, e.g. after Redis
+        lost its data; the writer should register its definitions again.
     """
 
     applied: bool
     failed_operations: int = 0
+    metadata_missing: bool = False
 
 
 @dataclass
@@ -221,10 +224,11 @@ def _password(url: str) -> str | None:
 
 
 # Applies one batch atomically, once per (writer, sequence).
-# KEYS: sequence hash, sequence_seen zset, heartbeat zset, then the family hashes.
+# KEYS: sequence hash, sequence_seen zset, heartbeat zset, meta hash, then the family
+#   hashes.
 # ARGV: writer, sequence, now, retire ("1" or "0"), then groups of four:
 #   operation, index into KEYS, field, value.
-# Returns {applied (0 or 1), operations that Redis rejected}.
+# Returns {applied (0 or 1), operations that Redis rejected, meta hash exists (0 or 1)}.
 _APPLY_LUA = """
 local writer = ARGV[1]
 local sequence = tonumber(ARGV[2])
@@ -237,7 +241,7 @@ else
 end
 local last = tonumber(redis.call('HGET', KEYS[1], writer) or '0') or 0
 if sequence <= last then
-  return {0, 0}
+  return {0, 0, redis.call('EXISTS', KEYS[4])}
 end
 local failed = 0
 for i = 5, #ARGV, 4 do
@@ -258,7 +262,7 @@ for i = 5, #ARGV, 4 do
   end
 end
 redis.call('HSET', KEYS[1], writer, ARGV[2])
-return {1, failed}
+return {1, failed, redis.call('EXISTS', KEYS[4])}
 """
 
 # Stores definitions unless one conflicts; writes nothing on a conflict.
@@ -376,7 +380,7 @@ class RedisStore:
         :raises redis.RedisError: when the call fails; the batch may or may not have
             been applied, and resending it is safe.
         """
-        keys = [self.sequence_key, self.sequence_seen_key, self.heartbeat_key]
+        keys = [self.sequence_key, self.sequence_seen_key, self.heartbeat_key, self.meta_key]
         key_index: dict[str, int] = {}
         args: list[str | int | float] = [
             batch.writer,
@@ -390,8 +394,8 @@ class RedisStore:
                 keys.append(self.family_key(name))
                 index = key_index[name] = len(keys)
             args += [operation, index, series_field, value]
-        applied, failed = self._apply_script(keys=keys, args=args)
-        return ApplyResult(bool(applied), int(failed))
+        applied, failed, metadata_exists = self._apply_script(keys=keys, args=args)
+        return ApplyResult(bool(applied), int(failed), not metadata_exists)
 
     def read(self, names: Sequence[str]) -> Snapshot:
         """Read metadata, heartbeats and the families ``names`` in one round trip.
@@ -503,7 +507,7 @@ class EmbeddedStore:
             else:
                 self._heartbeats[batch.writer] = now
             if batch.sequence <= self._sequences.get(batch.writer, 0):
-                return ApplyResult(False)
+                return ApplyResult(False, 0, not self._schemas)
 
             failed = 0
             for operation, name, series_field, value in batch_operations(batch):
@@ -521,7 +525,7 @@ class EmbeddedStore:
                 except ValueError:
                     failed += 1
             self._sequences[batch.writer] = batch.sequence
-            return ApplyResult(True, failed)
+            return ApplyResult(True, failed, not self._schemas)
 
     def read(self, names: Sequence[str]) -> Snapshot:
         """Return a copy of the metadata, heartbeats and families ``names``."""

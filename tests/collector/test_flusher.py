@@ -237,6 +237,19 @@ def test_start_without_store(flusher: Flusher, store: FlakyStore, metrics: Metri
     assert _requests(store) == 1
 
 
+def test_reregisters_after_data_loss(flusher: Flusher, store: FlakyStore, metrics: Metrics,
+                                     clock: Clock) -> None:
+    """After Redis lost its data, the next flush stores the definitions again."""
+    flusher.startService()
+    clock.advance(1)
+    store.inner.client.flushall()
+
+    _record(metrics, 1)
+    clock.advance(1)
+    assert REQUESTS in store.read([]).schemas
+    assert _requests(store) == 1
+
+
 def test_stop_flushes(flusher: Flusher, store: FlakyStore, metrics: Metrics,
                       clock: Clock) -> None:
     """stopService sends what was recorded since the last tick and stops the loop."""

@@ -54,6 +54,16 @@ def test_apply_writes_deltas(store: MetricStore) -> None:
     assert state[encode_field(["host:1:aa", "primary"])] == "1.0 50.0"
 
 
+def test_apply_reports_missing_metadata(store: MetricStore) -> None:
+    """apply() reports whether any definitions are stored."""
+    before = store.apply(_batch(1), now=60.0)
+    store.register(APPLICATION_METRICS)
+    after = store.apply(_batch(2), now=61.0)
+
+    assert before.metadata_missing
+    assert not after.metadata_missing
+
+
 def test_replayed_batch_applied_once(store: MetricStore) -> None:
     """Sending the same (writer, sequence) twice applies it once."""
     batch = _batch(1)
