@@ -339,7 +339,7 @@ def test_botocore_https_trailer_mode() -> None:
 
 
 def test_botocore_https_trailer_forwarding() -> None:
-    """For aws-chunked bodies the auth tells the forwarder to drop the chunked encoding."""
+    """For aws-chunked bodies the auth reports the decoded length and no aws-chunked encoding."""
     client = boto3_client(endpoint="https://127.0.0.1:9")
     auth = _verify(capture(client, "put_object", Bucket="b", Key="k", Body=b"hello"))
     assert (auth.backend_content_encoding, auth.decoded_content_length) == (None, 5)

@@ -15,8 +15,8 @@ It also counts requests, so tests can assert how many GETs reached the backend::
     assert front.stats.requests("GET", "/bucket/key") == 1
     front.stop()
 
-Limitations: bodies are buffered in memory on both legs; an aws-chunked body is forwarded
-without checking its chunk signatures (the proxy sends decoded bodies to backends).
+Limitations: bodies are buffered in memory on both legs. An aws-chunked body is forwarded
+without checking its chunk signatures, because the proxy sends decoded bodies to backends.
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ def _botocore_requests(
     """
     Yield the request as botocore would have signed it, raw query first.
 
-    botocore canonicalizes a query from the URL as sent, or re-encodes it from parameters;
-    a backend request whose query is not in canonical form may have been signed either way.
+    botocore canonicalizes a query from the URL as sent, or re-encodes it from parameters.
+    A backend request whose query is not in canonical form may have been signed either way.
     """
     host = headers.get("host", [""])[0]
     kept_raw = "&".join(

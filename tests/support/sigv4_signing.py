@@ -1,9 +1,9 @@
 """
 Requests signed by other SigV4 implementations, for testing ``proxy.sigv4`` and ``proxy.payload``.
 
-Signatures here come from botocore (a real boto3 client whose request is captured before it
-is sent) or from a small chunk signer written from the AWS documentation, never from
-``proxy.sigv4``, so that a bug shared by our signer and verifier cannot pass unnoticed.
+Signatures here come from botocore, through a real boto3 client whose request is captured
+before it is sent, or from a small chunk signer written from the AWS documentation. They never
+come from ``proxy.sigv4``, so a bug shared by our signer and verifier cannot pass unnoticed.
 """
 
 from __future__ import annotations

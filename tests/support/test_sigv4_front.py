@@ -225,7 +225,8 @@ def test_tampered_request_rejected(front: SigV4Front) -> None:
     response = connection.getresponse()
     payload = response.read()
     connection.close()
-    assert (response.status, b"<Code>SignatureDoesNotMatch</Code>" in payload) == (403, True)
+    assert response.status == 403
+    assert b"<Code>SignatureDoesNotMatch</Code>" in payload
     assert front.stats.requests("PUT", f"/{bucket}/tampered") == 0
 
 
