@@ -374,6 +374,7 @@ class Exchange:
         self.method = request.method.decode("latin-1")
         self.operation = "other"
         self.bucket: str | None = None
+        self.virtual_host = False
         self.key: str | None = None
         self.auth: RequestAuth | None = None
         self.verifier: Any = None
@@ -420,6 +421,7 @@ class Exchange:
             self.gateway.config.server.virtual_host_suffixes,
         )
         self.bucket, self.key = target.bucket, target.key
+        self.virtual_host = target.virtual_host
         self.operation = classify(
             request.method, target, query, request.requestHeaders.hasHeader(b"x-amz-copy-source")
         )
@@ -475,6 +477,9 @@ class Exchange:
         path, mark, query = self.auth.forward_target.partition(b"?")
         pinned, stripped = route_query(query.decode("latin-1"), self.gateway.backend_ids)
         self.pinned_backend = pinned
+        if self.virtual_host and self.bucket is not None:
+            # Backends get path-style requests, because the Host header names the backend.
+            path = b"/" + self.bucket.encode("ascii", "replace") + path
         self.forward_target = path + mark + stripped.encode("latin-1")
 
     def _declared_body_length(self) -> int | None:

@@ -102,10 +102,12 @@ class RequestTarget:
 
     C{bucket} is L{None} for the service (C{GET /}); C{key} is L{None} for bucket requests. A
     key keeps leading slashes and repeated slashes as sent (C{/bucket//a} has key C{/a}).
+    C{virtual_host} tells whether the bucket came from the C{Host} header.
     """
 
     bucket: str | None
     key: str | None
+    virtual_host: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def parse_target(
 
     bucket = _virtual_host_bucket(host, virtual_host_suffixes)
     if bucket is not None:
-        return RequestTarget(bucket, path[1:] or None)
+        return RequestTarget(bucket, path[1:] or None, virtual_host=True)
 
     rest = path[1:]
     if not rest:

@@ -353,3 +353,47 @@ def test_unsupported_method(request_line: bytes, status: int) -> None:
     h.channel.dataReceived(request_line + b"\r\nhost: x\r\n\r\n")
     assert h.output().startswith(b"HTTP/1.1 %d " % status)
     assert h.requests() == Counter({("other", str(status)): 1})
+
+
+def test_virtual_host_forwarded_path_style() -> None:
+    """A virtual-hosted request goes to the backend path-style, with the bucket in the path."""
+    h = harness(pool_kind="static", virtual_host_suffixes=["s3.local"])
+    headers = sign_request(
+        "GET",
+        "http://bucket.s3.local:9000/dir/key?versionId=1",
+        {"host": "bucket.s3.local:9000"},
+        EMPTY_SHA256,
+        ACCESS_KEY,
+        SECRET_KEY,
+        "us-east-1",
+        h.clock.seconds(),
+    )
+    head = "GET /dir/key?versionId=1 HTTP/1.1\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    h.channel.dataReceived(head.encode("latin-1") + b"\r\n")
+    assert h.forwarder.sent[0][1].target == b"/bucket/dir/key?versionId=1"
+    h.forwarder.sent[0][2].callback(FakeResponse(200, b"v"))
+    assert h.requests() == Counter({("get_object", "200"): 1})
+
+
+def test_access_log_json() -> None:
+    """With access_log_json, each request logs one JSON line without secrets."""
+    import json
+
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = harness(pool_kind="static", access_log_json=True)
+        h.send("GET", "/bucket/key")
+        h.forwarder.sent[0][2].callback(FakeResponse(200, b"x"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e["access_json"] for e in events if "access_json" in e]
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["operation"] == "get_object"
+    assert record["status"] == 200
+    assert record["request_id"] == "REQUESTID"
+    assert SECRET_KEY not in lines[0]

@@ -89,7 +89,7 @@ def test_virtual_hosted_style(method: str, target: str, expected: str) -> None:
 def test_virtual_host_bucket_and_key() -> None:
     """The bucket comes from the host and the whole path is the key."""
     target = parse_target(b"//a%20b/c", b"Bucket.S3.Local", SUFFIXES)
-    assert target == RequestTarget("bucket", "/a b/c")
+    assert target == RequestTarget("bucket", "/a b/c", virtual_host=True)
 
 
 def test_suffix_itself_is_path_style() -> None:
