@@ -16,15 +16,18 @@ from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from collector import thread_pool_runner
 from collector.collector import RedisCollector, default_gauge_ttl
 from collector.resource import MetricsResource, metrics_root
-from collector.store import RedisStore, open_redis
+from collector.store import RedisStore, open_redis, redact_url
 
 __all__ = ["Options", "makeService"]
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -117,6 +120,14 @@ def makeService(options: Options) -> IService:
         on_timeout=collector.record_timeout,
     )
 
+    _log.info(
+        "s3proxy exporter reading {url} namespace {namespace}, gauge TTL {ttl} s, "
+        "listening on {listen}",
+        url=redact_url(options["redis-url"]),
+        namespace=options["namespace"],
+        ttl=options["gauge-ttl"],
+        listen=options["listen"],
+    )
     service = MultiService()
     site = IProtocolFactory(Site(metrics_root(resource)))
     listener = strports.service(options["listen"], site)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceCollection
+from twisted.logger import capturedLogs
 from twisted.python import usage
 
 from collector.exporter_tap import Options, makeService
@@ -88,3 +89,12 @@ def test_make_service() -> None:
     service = makeService(options)
     assert len(list(IServiceCollection(service))) == 1
     assert not service.running
+
+
+def test_make_service_hides_password() -> None:
+    """The start-up log line shows the Redis URL without its password."""
+    options = _parse("--redis-url", "redis://user:s3cret@127.0.0.1:1/0")
+    with capturedLogs() as events:
+        makeService(options)
+    urls = [event["url"] for event in events if "url" in event]
+    assert urls == ["redis://user:***@127.0.0.1:1/0"]
