@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "recording": ("bench.recording", ("redis-server",), "Recording cost per call"),
     "flush": ("bench.flush", ("redis-server",), "Flush cost"),
     "scrape": ("bench.scrape", ("redis-server",), "Scrape cost"),
+    "proxy": ("bench.proxy_load", ("redis-server", "nginx", "wrk"), "Proxy throughput and latency"),
 }
 
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
@@ -76,6 +77,9 @@ def main(argv: list[str]) -> int:
         return 2
 
     directory = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
+    # nginx started as root serves files as the unprivileged user "nobody", which must be
+    # able to read the object files below this directory.
+    directory.chmod(0o755)
     context = Context(quick=arguments.quick, directory=directory)
     started = time.monotonic()
     benchmarks: list[Benchmark] = []

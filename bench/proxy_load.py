@@ -1,0 +1,239 @@
+"""Benchmark 4: proxy throughput and latency under wrk, against nginx and the bare backend.
+
+Servers, all on 127.0.0.1 and on the same cores as wrk:
+
+- backend: nginx serving object files (GET) and dropping PUT bodies with 200;
+- proxy with metrics on: ``proxy.tap.makeService`` with a real Redis, flushing every second;
+- proxy with metrics off: the same service with null metrics (``bench._serve``);
+- a second proxy with metrics on, for the two-process rows;
+- front nginx: ``proxy_pass`` to the backend (the external anchor), and two load
+  balancers, one in front of one proxy and one in front of both.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from bench.context import Context
+from bench.processes import Processes, free_port
+from bench.report import Benchmark, Row, Target
+from bench.s3setup import (
+    ProxySetup,
+    check_url,
+    make_objects,
+    nginx_backend_block,
+    nginx_front_block,
+    presign,
+)
+from bench.wrk import WrkResult, run_wrk
+
+__all__ = ["run"]
+
+CONNECTIONS = 16
+THROUGHPUT_TARGET = Target("ratio_min", 0.98, ">= 0.98x (metrics cost <= 2 %)")
+LATENCY_TARGET = Target("difference_max", 0.1, "<= +0.1 ms")
+
+METHOD = (
+    f"wrk with one thread and {CONNECTIONS} connections replays one SigV4 presigned URL"
+    " (PUT: a Lua script sends a 1 KiB body to a presigned PUT URL), so every request is"
+    " verified and re-signed by the proxy. wrk, nginx, Redis and the proxies share the"
+    " machine's cores. GETs go to nginx serving object files as a static S3-like backend,"
+    " which ignores the proxy's signature; PUTs go to an nginx location that reads the body"
+    " and returns 200. The proxy is the service `twistd s3proxy` builds, run by"
+    " `bench/_serve.py`, with the cache off and metrics flushed every second to a real"
+    " Redis. Metrics off is the same service with a Metrics object whose recording calls do"
+    " nothing and no flusher; the product has no such switch. On and off runs alternate,"
+    " and each figure is the median of the repeats. The nginx anchor is `proxy_pass` with"
+    " kept-alive upstream connections and buffering off, in front of the same backend."
+    " Two proxy processes cannot share a port (Twisted's TCP endpoint has no SO_REUSEPORT),"
+    " so they run behind an nginx load balancer, compared with one proxy behind the same"
+    " load balancer. Latency p50 with one connection measures a request without queueing."
+    " Targets: metrics cost at most 2 % of throughput and at most 0.1 ms of p50 latency."
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One kind of request: a name, the object key and how it is sent."""
+
+    name: str
+    key: str
+    operation: str  # get_object or put_object
+    size: int
+    backend: str
+
+    @property
+    def put_size(self) -> int | None:
+        return self.size if self.operation == "put_object" else None
+
+
+WORKLOADS = (
+    Workload("GET 1 KiB", "obj-1k", "get_object", 1024, "nginx static file"),
+    Workload("GET 1 MiB", "obj-1m", "get_object", 1024 * 1024, "nginx static file"),
+    Workload("PUT 1 KiB", "put-1k", "put_object", 1024, "nginx 200 sink"),
+)
+
+
+@dataclass
+class Servers:
+    """Ports of every server the benchmark started."""
+
+    backend: int
+    anchor: int
+    proxy_on: int
+    proxy_off: int
+    balancer_one: int
+    balancer_two: int
+
+
+def _start(context: Context, processes: Processes) -> Servers:
+    objects = make_objects(
+        context.directory / "objects", {"obj-1k": 1024, "obj-1m": 1024 * 1024}
+    )
+    redis_process, _ = processes.redis()
+    backend = free_port()
+    processes.nginx("backend", nginx_backend_block(backend, objects))
+
+    proxies = ProxySetup(processes, backend, f"redis://127.0.0.1:{redis_process.port}/0")
+    proxy_on = proxies.start("proxy-on").port or 0
+    proxy_off = proxies.start("proxy-off", metrics=False).port or 0
+    proxy_second = proxies.start("proxy-on-2").port or 0
+
+    anchor, balancer_one, balancer_two = free_port(), free_port(), free_port()
+    processes.nginx(
+        "front",
+        nginx_front_block(anchor, [backend], "backend")
+        + nginx_front_block(balancer_one, [proxy_on], "one_proxy")
+        + nginx_front_block(balancer_two, [proxy_on, proxy_second], "two_proxies"),
+    )
+    return Servers(backend, anchor, proxy_on, proxy_off, balancer_one, balancer_two)
+
+
+def _url(port: int, workload: Workload) -> str:
+    url = presign(f"http://127.0.0.1:{port}", workload.operation, workload.key)
+    if workload.put_size is None:
+        check_url(url, expected_length=workload.size)
+    else:
+        check_url(url, "PUT", b"x" * workload.size)
+    return url
+
+
+class _Loader:
+    """Runs wrk with this benchmark's settings and keeps the scratch directory."""
+
+    def __init__(self, context: Context, directory_name: str) -> None:
+        self.context = context
+        self.seconds = context.seconds(full=5.0, quick=1.0)
+        self.directory = context.directory / directory_name
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self, url: str, workload: Workload, connections: int = CONNECTIONS) -> WrkResult:
+        return run_wrk(url, self.seconds, connections, self.directory, workload.put_size)
+
+    def warm_up(self, url: str, workload: Workload) -> None:
+        if not self.context.quick:
+            run_wrk(url, 1.0, CONNECTIONS, self.directory, workload.put_size)
+
+
+def run(context: Context) -> Benchmark:
+    """Load every workload through each server and add throughput and latency rows."""
+    benchmark = Benchmark("proxy", "Proxy throughput and latency", METHOD)
+    loader = _Loader(context, "wrk")
+    repeats = 1 if context.quick else 3
+    with Processes(context.directory / "proxy") as processes:
+        servers = _start(context, processes)
+        for workload in WORKLOADS:
+            _measure_workload(context, benchmark, loader, servers, workload, repeats)
+        _measure_balancer(context, benchmark, loader, servers, WORKLOADS[0])
+    return benchmark
+
+
+def _alternate(
+    loader: _Loader, on_url: str, off_url: str, workload: Workload, repeats: int,
+    connections: int = CONNECTIONS,
+) -> tuple[list[WrkResult], list[WrkResult]]:
+    on: list[WrkResult] = []
+    off: list[WrkResult] = []
+    for _ in range(repeats):
+        on.append(loader.load(on_url, workload, connections))
+        off.append(loader.load(off_url, workload, connections))
+    return on, off
+
+
+def _median_rate(results: list[WrkResult]) -> float:
+    return statistics.median(result.rate for result in results)
+
+
+def _median_p50(results: list[WrkResult]) -> float:
+    return statistics.median(result.p50_ms for result in results)
+
+
+def _measure_workload(
+    context: Context, benchmark: Benchmark, loader: _Loader, servers: Servers,
+    workload: Workload, repeats: int,
+) -> None:
+    urls = {
+        "direct": _url(servers.backend, workload),
+        "anchor": _url(servers.anchor, workload),
+        "on": _url(servers.proxy_on, workload),
+        "off": _url(servers.proxy_off, workload),
+    }
+    for url in urls.values():
+        loader.warm_up(url, workload)
+
+    direct = loader.load(urls["direct"], workload)
+    anchor = loader.load(urls["anchor"], workload)
+    on, off = _alternate(loader, urls["on"], urls["off"], workload, repeats)
+    on_rate = _median_rate(on)
+    note = f"backend: {workload.backend}"
+
+    context.add(benchmark, Row(
+        f"{workload.name}: proxy, metrics on", on_rate, "backend directly", direct.rate,
+        "req/s", note=note,
+    ))
+    context.add(benchmark, Row(
+        f"{workload.name}: proxy, metrics on", on_rate, "nginx proxy_pass", anchor.rate,
+        "req/s", note=note,
+    ))
+    context.add(benchmark, Row(
+        f"{workload.name}: proxy, metrics on", on_rate, "proxy, metrics off",
+        _median_rate(off), "req/s", THROUGHPUT_TARGET, note=note,
+    ))
+    context.add(benchmark, Row(
+        f"{workload.name}: p50 latency at {CONNECTIONS} connections, metrics on",
+        _median_p50(on), "metrics off", _median_p50(off), "ms", note=note,
+    ))
+
+    if workload.size <= 1024:
+        on_single, off_single = _alternate(
+            loader, urls["on"], urls["off"], workload, repeats, connections=1
+        )
+        context.add(benchmark, Row(
+            f"{workload.name}: p50 latency at 1 connection, metrics on",
+            _median_p50(on_single), "metrics off", _median_p50(off_single), "ms",
+            LATENCY_TARGET, note=note,
+        ))
+    context.note(
+        benchmark,
+        f"{workload.name}: p50 latency at {CONNECTIONS} connections was"
+        f" {direct.p50_ms:.2f} ms directly against the backend and {anchor.p50_ms:.2f} ms"
+        " through nginx proxy_pass.",
+    )
+
+
+def _measure_balancer(
+    context: Context, benchmark: Benchmark, loader: _Loader, servers: Servers,
+    workload: Workload,
+) -> None:
+    one_url = _url(servers.balancer_one, workload)
+    two_url = _url(servers.balancer_two, workload)
+    loader.warm_up(one_url, workload)
+    loader.warm_up(two_url, workload)
+    one = loader.load(one_url, workload)
+    two = loader.load(two_url, workload)
+    context.add(benchmark, Row(
+        f"{workload.name}: 2 proxy processes behind nginx", two.rate,
+        "1 proxy process behind the same nginx", one.rate, "req/s",
+        note=f"backend: {workload.backend}",
+    ))
