@@ -98,3 +98,21 @@ def test_make_service_hides_password() -> None:
         makeService(options)
     urls = [event["url"] for event in events if "url" in event]
     assert urls == ["redis://user:***@127.0.0.1:1/0"]
+
+
+def test_no_proxy_import() -> None:
+    """The exporter and the whole collector package load without importing proxy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, collector, collector.exporter_tap, collector.collector, "
+        "collector.resource, collector.flusher, collector.store; "
+        "print(sorted(m for m in sys.modules if m == 'proxy' or m.startswith('proxy.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
