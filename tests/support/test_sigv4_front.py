@@ -281,3 +281,32 @@ def test_sign_request_through_front(front: SigV4Front) -> None:
     stored = _client(front).get_object(Bucket=bucket, Key="dir/a b+c$.txt")
     assert (response.status, front.stats.rejected) == (200, 0)
     assert stored["Body"].read() == body
+
+
+@pytest.mark.integration
+def test_chunked_transfer_forwarded(front: SigV4Front) -> None:
+    """A body sent with Transfer-Encoding: chunked reaches moto whole, with a Content-Length."""
+    from proxy.sigv4 import sign_request
+
+    bucket = _bucket()
+    _client(front).create_bucket(Bucket=bucket)
+    parts = [b"first part, ", b"second part"]
+    target = f"/{bucket}/chunked"
+    headers = sign_request(
+        "PUT",
+        front.endpoint + target,
+        {},
+        hashlib.sha256(b"".join(parts)).hexdigest(),
+        ACCESS_KEY,
+        SECRET_KEY,
+        REGION,
+        time.time(),
+    )
+    connection = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
+    connection.request("PUT", target, body=iter(parts), headers=headers, encode_chunked=True)
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    assert response.status == 200
+    stored = _client(front).get_object(Bucket=bucket, Key="chunked")["Body"].read()
+    assert stored == b"".join(parts)
