@@ -22,6 +22,7 @@ from tests.support.servers import (
     RedisServer,
     TwistdProcess,
     free_port,
+    twistd_argv,
     twistd_env,
 )
 
@@ -33,25 +34,18 @@ TEXT_FORMATS = ["", "text/plain; version=0.0.4", "text/plain; version=1.0.0"]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
-def _twistd_argv(*args: str) -> list[str]:
-    # NOTE: twistd_argv() of tests.support.servers runs "python -m twisted", which is the
-    # twist command and rejects --nodaemon; this runs the twistd of this interpreter.
-    twistd = Path(sys.executable).with_name("twistd")
-    return [str(twistd), "--nodaemon", "--pidfile", "", *args]
-
-
 @pytest.fixture
 def exporter(redis_server: RedisServer, tmp_path: Path) -> Iterator[str]:
     """A running exporter for ``redis_server``; yields its base URL."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     process = TwistdProcess(
-        _twistd_argv(
-            "--logfile", str(tmp_path / "exporter.log"),
+        twistd_argv(
             "s3proxy-exporter",
             "--redis-url", redis_server.url,
             "--namespace", NAMESPACE,
             "--listen", f"tcp:{port}:interface=127.0.0.1",
+            log_path=tmp_path / "exporter.log",
         ),
         twistd_env(),
         ready_url=base + "/healthz",
@@ -177,7 +171,7 @@ def test_promtool_parses_openmetrics(redis_server: RedisServer, exporter: str,
 def test_exporter_rejects_bad_url() -> None:
     """An invalid Redis URL stops twistd with a message that hides the password."""
     result = subprocess.run(
-        _twistd_argv("s3proxy-exporter", "--redis-url", "http://user:s3cret@host/0"),
+        twistd_argv("s3proxy-exporter", "--redis-url", "http://user:s3cret@host/0"),
         env=twistd_env(), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )
     output = result.stdout + result.stderr
