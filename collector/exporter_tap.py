@@ -90,7 +90,7 @@ def _metrics_table(path: str) -> dict[str, Any]:
         raise usage.UsageError(f"config file {path!r} is not valid TOML: {err}") from None
     table = document.get("metrics", {})
     if not isinstance(table, dict):
-        raise usage.UsageError(f"[metrics] in {path!r} must be a table")
+        raise usage.UsageError(f"[metrics] in {path!r} is invalid; it must be a table")
     return table
 
 

@@ -4,7 +4,8 @@ Each tick cuts a :class:`Batch` from the buffer on the reactor thread and applie
 thread, in one store call that also writes the writer's heartbeat. A batch that fails
 stays pending and is resent unchanged on the next tick. Meanwhile new deltas collect in
 the buffer, and the next batch is cut only after the pending one is applied. Because the store
-applies each (writer, sequence) at most once, a resend after a lost reply is harmless.
+applies each (writer, sequence) at most once, a resend after a lost reply is harmless, as
+long as it comes within the store's sequence retention (7 days by default).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where metric deltas are kept: the Redis layout and an embedded single-process store.
+"""Metric stores: the shared Redis layout and an embedded single-process store.
 
 Redis layout, for namespace ``ns`` (every key carries the hash tag ``{ns}`` so that a
 Redis Cluster keeps them in one slot and one Lua script may touch them all):
@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from collector.buffer import Batch
+from collector.connection import HA_SCHEMES, open_ha_client
 from collector.definitions import MetricDefinition
 
 __all__ = [
@@ -71,7 +72,7 @@ class ApplyResult(NamedTuple):
     :ivar applied: false when the batch had been applied before (a resend).
     :ivar failed_operations: operations that Redis rejected, e.g. an increment of a field
         that contains no number. The rest of the batch is applied.
-    :ivar metadata_missing: true when the store holds no definitions, e.g. after Redis
+    :ivar metadata_missing: true when the store has no definitions, e.g. after Redis
         lost its data; the writer should register its definitions again.
     """
 
@@ -185,11 +186,13 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
 
 
-def open_redis(url: str, timeout: float = 5.0) -> redis.Redis:
+def open_redis(url: str, timeout: float = 5.0) -> Any:
     """Create a client for ``url`` (``redis://``, ``rediss://`` or ``unix://``).
 
     The URL may carry a user, a password and a database number, as redis-py's
-    ``Redis.from_url`` accepts them. No connection is made here.
+    ``Redis.from_url`` accepts them. ``redis+sentinel://`` and ``redis+cluster://`` URLs
+    get the clients of :func:`collector.connection.open_ha_client`. No connection is made
+    here.
 
     :param timeout: socket connect and read timeout, in seconds, unless the URL sets one.
     :raises ValueError: when the URL is invalid; the message shows it without password.
@@ -197,6 +200,8 @@ def open_redis(url: str, timeout: float = 5.0) -> redis.Redis:
     redacted = redact_url(url)
     try:
         parts = urlsplit(url)
+        if parts.scheme in HA_SCHEMES:
+            return open_ha_client(url, timeout)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("the scheme must be redis://, rediss:// or unix://")
         if parts.scheme != "unix":
@@ -212,7 +217,9 @@ def open_redis(url: str, timeout: float = 5.0) -> redis.Redis:
             reason = reason.replace(password, "***")
         raise ValueError(
             f"Redis URL {redacted!r} is invalid: {reason}; "
-            "use redis://[user:password@]host:port/db, rediss://... or unix:///path"
+            "use redis://[user:password@]host:port/db, rediss://..., unix:///path, "
+            "redis+sentinel://host:port[,host:port]/service[/db] or "
+            "redis+cluster://host:port[,host:port]"
         ) from None
 
 
@@ -332,12 +339,14 @@ def _conflict(name: str, stored: str, ours: str, where: str) -> SchemaConflictEr
 class RedisStore:
     """A :class:`MetricStore` on a Redis server shared by every writer and collector.
 
-    :param client: a redis-py client; its calls block, so every method runs in a thread.
+    :param client: a redis-py client (``Redis``, a Sentinel primary client or a
+        :class:`~collector.connection.LazyCluster`); its calls block, so every method runs
+        in a thread.
     :param namespace: the deployment name used as hash tag; default ``s3proxy``.
     :raises ValueError: for an invalid namespace.
     """
 
-    def __init__(self, client: redis.Redis, namespace: str = "s3proxy") -> None:
+    def __init__(self, client: Any, namespace: str = "s3proxy") -> None:
         _check_namespace(namespace)
         self.client = client
         self.namespace = namespace
