@@ -170,10 +170,11 @@ class RequestAuth:
     :ivar checksum_headers: ``x-amz-checksum-<algorithm>`` values that the client sent as
         request headers, lower-case names. The proxy does not check them (the backend does,
         because they are forwarded unchanged); only trailer checksums are checked here.
-    :ivar forward_target: the request target to send to a backend: the raw target without
-        the presigned-URL query parameters (``X-Amz-Algorithm``, ``X-Amz-Signature`` and the
-        rest), otherwise byte for byte as received. An absolute-form target is reduced to
-        its path and query.
+    :ivar forward_target: the request target to send to a backend. It is the raw target
+        without the presigned-URL query parameters (``X-Amz-Algorithm``, ``X-Amz-Signature``
+        and the rest), otherwise byte for byte as received, except that bytes a URL cannot
+        carry (space, non-ASCII, controls) are percent-encoded. An absolute-form target is
+        reduced to its path and query.
     :ivar strip_headers: lower-case names of headers that belong to the client's signature or
         body encoding and must not be forwarded as they are (``authorization``,
         ``x-amz-date``, ``x-amz-content-sha256``, ``x-amz-security-token``,
@@ -420,9 +421,19 @@ def _query_parameters(raw_query: bytes) -> dict[str, list[str]]:
     return parameters
 
 
+# Bytes that may not appear unescaped in a URL (RFC 3986): controls, space, non-ASCII and
+# a few delimiters. Clients sometimes send them raw; they are escaped before forwarding.
+_UNSAFE_URL_BYTES = re.compile(rb'[\x00-\x20\x7f-\xff"<>\\^`{|}]')
+
+
+def _escape_unsafe(target: bytes) -> bytes:
+    """Percent-encode the bytes of ``target`` that a URL cannot carry; keep everything else."""
+    return _UNSAFE_URL_BYTES.sub(lambda match: b"%%%02X" % match.group()[0], target)
+
+
 def _forward_target(path: bytes, raw_query: bytes, had_query: bool, presigned: bool) -> bytes:
     if not presigned:
-        return path + (b"?" + raw_query if had_query else b"")
+        return _escape_unsafe(path + (b"?" + raw_query if had_query else b""))
     kept = [
         component
         for component in raw_query.split(b"&")
@@ -430,7 +441,7 @@ def _forward_target(path: bytes, raw_query: bytes, had_query: bool, presigned: b
         and _decode_query_component(component.partition(b"=")[0]).decode("utf-8", "replace")
         not in PRESIGN_QUERY_PARAMETERS
     ]
-    return path + (b"?" + b"&".join(kept) if kept else b"")
+    return _escape_unsafe(path + (b"?" + b"&".join(kept) if kept else b""))
 
 
 @dataclass(frozen=True)

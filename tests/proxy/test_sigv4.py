@@ -751,3 +751,13 @@ def test_sign_request_rejects_wide_header() -> None:
             REGION,
             1e9,
         )
+
+
+def test_raw_utf8_target_escaped() -> None:
+    """A target sent with raw UTF-8 and spaces verifies and is forwarded percent-encoded."""
+    request = capture(boto3_client(), "get_object", Bucket="bucket", Key="café x")
+    assert request.target == b"/bucket/caf%C3%A9%20x"
+    auth = verify_request(
+        "GET", b"/bucket/caf\xc3\xa9 x", request.headers, USERS, SIGNING_SECONDS, REGION
+    )
+    assert auth.forward_target == b"/bucket/caf%C3%A9%20x"
