@@ -54,12 +54,16 @@ __all__ = [
     "MAX_PRESIGN_EXPIRES_SECONDS",
     "PRESIGN_QUERY_PARAMETERS",
     "RequestAuth",
+    "STREAMING_MODES",
     "STREAMING_SIGNED",
     "STREAMING_SIGNED_TRAILER",
     "STREAMING_UNSIGNED_TRAILER",
     "UNSIGNED_PAYLOAD",
+    "chunk_string_to_sign",
     "derive_signing_key",
+    "hmac_sha256_hex",
     "sign_request",
+    "trailer_string_to_sign",
     "verify_request",
 ]
 
