@@ -132,7 +132,7 @@ def test_fleet_overwrite_visible(
     proxy_a = start_proxy(redis_server.url)
     proxy_b = start_proxy(redis_server.url)
     wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 2,
-               what="both proxies to subscribe")
+               description="both proxies to subscribe")
     a, b = proxy_a.client(), proxy_b.client()
     a.put_object(Bucket=bucket, Key="obj", Body=b"old")
     assert read(a, bucket, "obj") == b"old"
@@ -151,7 +151,7 @@ def test_delete_objects_invalidates(
     proxy_a = start_proxy(redis_server.url)
     proxy_b = start_proxy(redis_server.url)
     wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 2,
-               what="both proxies to subscribe")
+               description="both proxies to subscribe")
     a, b = proxy_a.client(), proxy_b.client()
     a.put_object(Bucket=bucket, Key="gone", Body=b"cached")
     assert read(a, bucket, "gone") == b"cached"
@@ -168,10 +168,10 @@ def test_pubsub_kill_empties_cache(
     redis_server: RedisServer,
     s3_server: MotoServer,
 ) -> None:
-    """After CLIENT KILL TYPE pubsub the proxy forgets its entries, so it misses no write."""
+    """After CLIENT KILL TYPE pubsub the proxy drops its entries, so it misses no write."""
     proxy = start_proxy(redis_server.url)
     redis = redis_server.client()
-    wait_until(lambda: redis.pubsub_numsub(CHANNEL)[0][1] == 1, what="the subscription")
+    wait_until(lambda: redis.pubsub_numsub(CHANNEL)[0][1] == 1, description="the subscription")
     s3 = proxy.client()
     s3.put_object(Bucket=bucket, Key="obj", Body=b"v1")
     assert read(s3, bucket, "obj") == b"v1"
@@ -181,7 +181,7 @@ def test_pubsub_kill_empties_cache(
     killed = redis.client_kill_filter(_type="pubsub")
     direct(s3_server).put_object(Bucket=bucket, Key="obj", Body=b"v2")
     assert killed == 1
-    wait_until(lambda: redis.pubsub_numsub(CHANNEL)[0][1] == 1, what="the resubscription")
+    wait_until(lambda: redis.pubsub_numsub(CHANNEL)[0][1] == 1, description="the resubscription")
     assert read(s3, bucket, "obj") == b"v2"
 
 
@@ -195,7 +195,7 @@ def test_redis_down_stops_caching(
     """While Redis is down every GET goes to the backend; caching resumes when it returns."""
     proxy = start_proxy(redis_server.url)
     wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 1,
-               what="the subscription")
+               description="the subscription")
     s3 = proxy.client()
     s3.put_object(Bucket=bucket, Key="obj", Body=b"v1")
     assert read(s3, bucket, "obj") == b"v1"
@@ -204,8 +204,8 @@ def test_redis_down_stops_caching(
 
     redis_server.stop()
     direct(s3_server).put_object(Bucket=bucket, Key="obj", Body=b"v2")
-    # The loss is noticed when the connection closes; until then the proxy may still answer.
-    wait_until(lambda: read(s3, bucket, "obj") == b"v2", what="the proxy to drop its entry")
+    # The loss is noticed when the connection closes; until then the old entry may be served.
+    wait_until(lambda: read(s3, bucket, "obj") == b"v2", description="the proxy to drop its entry")
     before = backend_gets(relay, bucket, "obj")
     assert read(s3, bucket, "obj") == b"v2"
     assert read(s3, bucket, "obj") == b"v2"
@@ -213,7 +213,7 @@ def test_redis_down_stops_caching(
 
     redis_server.start()
     wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 1,
-               what="the resubscription")
+               description="the resubscription")
     read(s3, bucket, "obj")
     read(s3, bucket, "obj")
     assert backend_gets(relay, bucket, "obj") == before + 3
@@ -288,7 +288,7 @@ def test_storm_bound_holds(
             seen += cache_samples(proxy.scrape()).get("s3proxy_cache_bytes", [])
 
     wait_until(lambda: counter(proxy, "s3proxy_cache_misses_total") == 60,
-               what="60 misses to be flushed")
+               description="60 misses to be flushed")
     samples = cache_samples(proxy.scrape())
     seen += samples["s3proxy_cache_bytes"]
     assert max(seen) <= max_bytes

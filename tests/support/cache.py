@@ -137,12 +137,14 @@ def counter(proxy: CacheProxy, name: str) -> float:
     return sum(cache_samples(proxy.scrape()).get(name, [0.0]))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 20.0, description: str = ""
+) -> None:
     """Poll ``condition`` every 0.05 s; raise AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {description}")
         time.sleep(0.05)
 
 
@@ -159,7 +161,7 @@ def wait_for_counters(proxy: CacheProxy, hits: float, misses: float) -> tuple[fl
         return seen == (hits, misses)
 
     try:
-        wait_until(reached, what=f"cache hits {hits} and misses {misses}")
+        wait_until(reached, description=f"cache hits {hits} and misses {misses}")
     except AssertionError:
         pass
     return seen
