@@ -61,6 +61,9 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _STREAMING_PREFIX = "STREAMING-"
+_BAD_REQUEST_CODES = frozenset(
+    {"AuthorizationHeaderMalformed", "InvalidRequest", "XAmzContentSHA256Mismatch"}
+)
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,8 @@ class Verdict:
 
     @property
     def status(self) -> int:
-        return (
-            400
-            if self.code in ("XAmzContentSHA256Mismatch", "AuthorizationHeaderMalformed")
-            else 403
-        )
+        """The HTTP status S3 sends with ``code``."""
+        return 400 if self.code in _BAD_REQUEST_CODES else 403
 
 
 class _ReceivedRequestSigner(botocore.auth.S3SigV4Auth):
