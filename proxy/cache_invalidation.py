@@ -31,14 +31,14 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -223,6 +223,9 @@ class RedisInvalidationBus:
         returns nothing, not even the PONG, for three intervals counts as lost.
     :param max_backoff: upper bound in seconds of the delay between subscription attempts,
         which starts at 0.1 s and doubles.
+    :param publish_timeout: seconds after which the Deferred of :meth:`publish` fires even if
+        Redis has not replied, so that a slow Redis delays writes by at most this much; None
+        waits for the Redis client's own timeouts. It needs a reactor with ``callLater``.
     """
 
     _log = Logger()
@@ -236,6 +239,7 @@ class RedisInvalidationBus:
         run_in_thread: RunInThread | None = None,
         ping_interval: float = 5.0,
         max_backoff: float = 5.0,
+        publish_timeout: float | None = 1.0,
     ) -> None:
         if ping_interval <= 0:
             raise ValueError(f"ping_interval {ping_interval!r} is invalid; it must be > 0 seconds")
@@ -246,6 +250,7 @@ class RedisInvalidationBus:
         self._run_in_thread = run_in_thread or self._default_run_in_thread
         self._ping_interval = ping_interval
         self._max_backoff = max_backoff
+        self._publish_timeout = publish_timeout
         # Creating a client opens no connection; redis-py clients are thread-safe.
         self._publisher = client_factory()
         self._stopping = threading.Event()
@@ -306,6 +311,9 @@ class RedisInvalidationBus:
             )
 
         published: Deferred[Any] = self._run_in_thread(send)
+        if self._publish_timeout is not None:
+            # The thread goes on and may still publish; only the caller stops waiting.
+            published.addTimeout(self._publish_timeout, cast(IReactorTime, self._reactor))
         published.addCallbacks(lambda _receivers: None, failed)
         return published
 

@@ -77,6 +77,7 @@ def make_bus(
         reactor,  # type: ignore[arg-type]
         run_in_thread=run_inline,
         max_backoff=0.2,
+        publish_timeout=None,
     )
 
 
@@ -164,6 +165,31 @@ def test_publish_failure_is_logged(server: fakeredis.FakeServer) -> None:
         globalLogPublisher.removeObserver(events.append)
     assert outcome == [None]
     assert any(event.get("bucket") == "bucket" for event in events)
+
+
+def test_publish_timeout_releases_caller() -> None:
+    """A publish that Redis does not answer releases its caller after publish_timeout."""
+    clock = Clock()
+    pending: Deferred[Any] = Deferred()
+
+    class ClockReactor(ThreadReactor):
+        def callLater(self, delay: float, function: Callable[..., Any], *args: Any) -> Any:
+            return clock.callLater(delay, function, *args)
+
+    bus = RedisInvalidationBus(
+        lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+        CHANNEL,
+        "proxy-a",
+        ClockReactor(),  # type: ignore[arg-type]
+        run_in_thread=lambda work: pending,
+        publish_timeout=1.0,
+    )
+    outcome: list[Any] = []
+    bus.publish("bucket", ["key"]).addBoth(outcome.append)
+    clock.advance(0.9)
+    assert outcome == []
+    clock.advance(0.1)
+    assert outcome == [None]
 
 
 def test_fleet_invalidation_evicts(
