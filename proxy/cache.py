@@ -107,6 +107,12 @@ _TRANSFER_HEADERS = frozenset(
     }
 )
 
+# Vary values that S3 sends for buckets with a CORS configuration. Requests with Origin are not
+# cached, so responses that vary only by these request headers are the same for all cached GETs.
+_CORS_VARY = frozenset(
+    {b"origin", b"access-control-request-headers", b"access-control-request-method"}
+)
+
 # Headers a 304 response carries, following what S3 sends.
 _NOT_MODIFIED_HEADERS = frozenset(
     {b"etag", b"last-modified", b"cache-control", b"expires", b"x-amz-version-id"}
@@ -664,7 +670,8 @@ class Fill:
             if directives & {b"no-store", b"private", b"no-cache"}:
                 return f"response Cache-Control {value.decode('latin-1')!r}"
         for value in headers.getRawHeaders(b"vary", []):
-            if value.strip():
+            varying = {part.strip().lower() for part in value.split(b",")} - {b""}
+            if not varying <= _CORS_VARY:
                 return f"response varies by {value.decode('latin-1')!r}"
         etags = headers.getRawHeaders(b"etag")
         if etags is None or len(etags) != 1:

@@ -301,7 +301,8 @@ def test_not_cacheable_counts_neither(method: str, query: bytes, headers: dict[s
         (200, {"Cache-Control": "private, max-age=60"}),
         (200, {"Cache-Control": "no-cache"}),
         (200, {"x-amz-server-side-encryption-customer-algorithm": "AES256"}),
-        (200, {"Vary": "Origin"}),
+        (200, {"Vary": "Accept-Encoding"}),
+        (200, {"Vary": "Origin, User-Agent"}),
     ],
 )
 def test_response_not_stored(status: int, extra: dict[str, str]) -> None:
@@ -309,6 +310,14 @@ def test_response_not_stored(status: int, extra: dict[str, str]) -> None:
     cache, _, _ = make_cache()
     store(cache, "key", b"hello", status=status, headers=response_headers(b"hello", extra=extra))
     assert len(cache) == 0
+
+
+def test_cors_vary_stored() -> None:
+    """A response that varies only by the CORS request headers is stored."""
+    cache, _, _ = make_cache()
+    vary = {"Vary": "Origin, Access-Control-Request-Headers, Access-Control-Request-Method"}
+    store(cache, "key", b"hello", headers=response_headers(b"hello", extra=vary))
+    assert len(cache) == 1
 
 
 def test_object_over_max_object_bytes() -> None:
