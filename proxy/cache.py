@@ -107,8 +107,9 @@ _TRANSFER_HEADERS = frozenset(
     }
 )
 
-# Vary values that S3 sends for buckets with a CORS configuration. Requests with Origin are not
-# cached, so responses that vary only by these request headers are the same for all cached GETs.
+# S3 lists in Vary the request headers that its CORS evaluation depends on (Amazon S3 API
+# reference, "Common Response Headers"). Requests with Origin are never cached, so responses that
+# vary only by these request headers are the same for every GET the cache answers.
 _CORS_VARY = frozenset(
     {b"origin", b"access-control-request-headers", b"access-control-request-method"}
 )
