@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from bench.context import Context
 from bench.processes import REPO_ROOT, MissingProgramError, require_programs
-from bench.report import Benchmark, describe_machine, render_page
+from bench.report import Benchmark, describe_machine, load_average, render_page
 
 BenchmarkRun = Callable[[Context], Benchmark]
 
@@ -31,9 +32,16 @@ BENCHMARKS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "flush": ("bench.flush", ("redis-server",), "Flush cost"),
     "scrape": ("bench.scrape", ("redis-server",), "Scrape cost"),
     "proxy": ("bench.proxy_load", ("redis-server", "nginx", "wrk"), "Proxy throughput and latency"),
+    "streaming": ("bench.streaming", ("redis-server", "nginx", "curl"), "Streaming 1 GiB"),
 }
 
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def _memory_root() -> str | None:
+    """Return /dev/shm when it is a writable directory, else None (the default temp dir)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -54,6 +62,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         "--output", type=Path, default=None,
         help="Markdown page to write; default docs/benchmarks.md for a full run of every "
         "benchmark, none for --quick or --only",
+    )
+    parser.add_argument(
+        "--redis-conf", type=Path, default=REPO_ROOT / "redis.conf", metavar="FILE",
+        help="configuration file of the redis-servers the benchmarks start; default the "
+        "repository's redis.conf (port, bind address, data directory and logging are "
+        "overridden)",
     )
     parser.add_argument(
         "--keep", action="store_true",
@@ -77,11 +91,15 @@ def main(argv: list[str]) -> int:
         return 2
 
     directory = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
-    # nginx started as root serves files as the unprivileged user "nobody", which must be
-    # able to read the object files below this directory.
-    directory.chmod(0o755)
-    context = Context(quick=arguments.quick, directory=directory)
+    memory = Path(tempfile.mkdtemp(prefix="s3proxy-bench-", dir=_memory_root()))
+    context = Context(
+        quick=arguments.quick,
+        directory=directory,
+        memory_directory=memory,
+        redis_conf=arguments.redis_conf,
+    )
     started = time.monotonic()
+    load_at_start = load_average()
     benchmarks: list[Benchmark] = []
     try:
         for name in names:
@@ -97,6 +115,8 @@ def main(argv: list[str]) -> int:
                 )
                 print(f"[{name}] failed: {type(err).__name__}: {err}", flush=True)
     finally:
+        # Objects stored by PUT requests take memory in a tmpfs, so they go even with --keep.
+        shutil.rmtree(memory, ignore_errors=True)
         if arguments.keep:
             print(f"scratch directory kept: {directory}")
         else:
@@ -111,7 +131,8 @@ def main(argv: list[str]) -> int:
         + (f", failed: {', '.join(failed)}" if failed else "")
     )
     if output is not None:
-        page = render_page(benchmarks, describe_machine(REPO_ROOT), arguments.quick, elapsed)
+        machine = describe_machine(REPO_ROOT, load_at_start)
+        page = render_page(benchmarks, machine, arguments.quick, elapsed)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(page)
         print(f"wrote {output}")

@@ -1,4 +1,4 @@
-"""What every benchmark gets: the run mode, a scratch directory and the row printer."""
+"""The run context every benchmark gets: the mode, scratch directories and the row printer."""
 
 from __future__ import annotations
 
@@ -17,10 +17,15 @@ class Context:
     :ivar quick: run each measurement for about a second, to prove the benchmarks work;
         the figures are then noisy.
     :ivar directory: scratch space for configuration files, data and server logs.
+    :ivar memory_directory: scratch space in memory (``/dev/shm`` where it exists) for
+        object files, so that large transfers measure no disk.
+    :ivar redis_conf: the configuration every redis-server starts from.
     """
 
     quick: bool
     directory: Path
+    memory_directory: Path
+    redis_conf: Path
 
     def seconds(self, full: float, quick: float) -> float:
         """Return the duration for this mode: ``full`` or ``quick`` seconds."""

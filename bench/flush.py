@@ -126,7 +126,7 @@ def run(context: Context) -> Benchmark:
     benchmark = Benchmark("flush", "Flush cost", METHOD)
     flushes = 5 if context.quick else 15
     with Processes(context.directory / "flush") as processes:
-        _, client = processes.redis()
+        _, client = processes.redis(context.redis_conf)
         store = RedisStore(client, namespace="bench-flush")
         store.register(Metrics(DeltaBuffer()).definitions)
         for series in SIZES:

@@ -8,6 +8,7 @@ started, also when a benchmark fails halfway.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -67,10 +68,14 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    """Wait until 127.0.0.1:``port`` accepts connections.
+    """Wait until ``process`` listens on 127.0.0.1:``port``.
 
-    :raises RuntimeError: when the process exits first or the port stays closed for
-        ``START_TIMEOUT`` seconds; the message ends with the process's log.
+    Another program may take the port between :func:`free_port` and the start and accept
+    connections on it, so the listening socket must belong to ``process``.
+
+    :raises RuntimeError: when the process exits first, the port belongs to another
+        process, or the port stays closed for ``START_TIMEOUT`` seconds; the message ends
+        with the process's log.
     """
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -79,14 +84,51 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path) -
                 f"{process.args!r} exited with status {process.returncode} before listening "
                 f"on 127.0.0.1:{port}{_log_tail(log_path)}"
             )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        owner = _listener_owned_by(port, process.pid)
+        if owner is True:
+            return
+        if owner is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.05)
     raise RuntimeError(
-        f"nothing listened on 127.0.0.1:{port} after {START_TIMEOUT} s{_log_tail(log_path)}"
+        f"process {process.pid} did not listen on 127.0.0.1:{port} after {START_TIMEOUT} s;"
+        f" another program may hold the port{_log_tail(log_path)}"
     )
+
+
+def _listener_owned_by(port: int, pid: int) -> bool | None:
+    """Return whether ``pid`` owns the socket listening on 127.0.0.1:``port``.
+
+    False also when nothing listens yet; None when ``/proc`` cannot tell.
+    """
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    address = f"0100007F:{port:04X}"
+    inodes = {
+        fields[9]
+        for fields in (line.split() for line in table)
+        if fields[1] == address and fields[3] == "0A"  # 0A is TCP_LISTEN
+    }
+    if not inodes:
+        return False
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    for descriptor in descriptors:
+        try:
+            target = os.readlink(descriptor)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
 
 
 def _log_tail(log_path: Path, lines: int = 30) -> str:
@@ -194,17 +236,23 @@ class Processes:
         while self._started:
             self._started.pop().stop()
 
-    def redis(self, name: str = "redis") -> tuple[Process, redis.Redis]:
-        """Start redis-server from the repository's ``redis.conf``; return it and a client.
+    def redis(self, config: Path, name: str = "redis") -> tuple[Process, redis.Redis]:
+        """Start redis-server from a copy of ``config``; return it and a client.
 
-        Port, bind address, data directory and logging are overridden; the rest (append
-        only file with ``appendfsync everysec``) is the configuration the project ships.
+        Port, bind address, data directory and logging are overridden; the rest (for the
+        repository's ``redis.conf``: append only file with ``appendfsync everysec``) is
+        the configuration under test. The copy keeps ``config`` itself unchanged when a
+        ``CONFIG REWRITE`` reaches the server.
+
+        :raises RuntimeError: when the server starts as a replica, whose writes fail.
         """
         port = free_port()
         data = self.directory / f"{name}-data"
         data.mkdir(parents=True, exist_ok=True)
+        copy = data / "redis.conf"
+        shutil.copyfile(config, copy)
         argv = [
-            "redis-server", str(REPO_ROOT / "redis.conf"),
+            "redis-server", str(copy),
             "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
             "--daemonize", "no", "--logfile", "", "--save", "",
         ]
@@ -213,12 +261,19 @@ class Processes:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                client.ping()
-                return process, client
+                role = client.info("replication")["role"]
+                break
             except redis.BusyLoadingError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        if role != "master":
+            raise RuntimeError(
+                f"redis-server started from {config} runs as a {role}, so writes fail; "
+                f"remove the replicaof line from {config} or pass --redis-conf with a file "
+                "that has none"
+            )
+        return process, client
 
     def nginx(self, name: str, server_blocks: str, worker_processes: int = 1) -> Process:
         """Start nginx in the foreground with ``server_blocks`` in its ``http`` block.
@@ -229,8 +284,12 @@ class Processes:
         prefix = self.directory / name
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
         config = prefix / "nginx.conf"
+        # Started as root, nginx would run its workers as "nobody", who can read neither
+        # the scratch directory nor the object files; they run as the invoking user instead.
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
         config.write_text(
             f"""
+{user}
 worker_processes {worker_processes};
 daemon off;
 master_process on;

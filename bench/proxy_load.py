@@ -2,7 +2,7 @@
 
 Servers, all on 127.0.0.1 and on the same cores as wrk:
 
-- backend: nginx serving object files (GET) and dropping PUT bodies with 200;
+- backend: nginx serving object files (GET) and storing PUT bodies as files, in memory;
 - proxy with metrics on: ``proxy.tap.makeService`` with a real Redis, flushing every second;
 - proxy with metrics off: the same service with null metrics (``bench._serve``);
 - a second proxy with metrics on, for the two-process rows;
@@ -38,9 +38,10 @@ METHOD = (
     f"wrk with one thread and {CONNECTIONS} connections replays one SigV4 presigned URL"
     " (PUT: a Lua script sends a 1 KiB body to a presigned PUT URL), so every request is"
     " verified and re-signed by the proxy. wrk, nginx, Redis and the proxies share the"
-    " machine's cores. GETs go to nginx serving object files as a static S3-like backend,"
-    " which ignores the proxy's signature; PUTs go to an nginx location that reads the body"
-    " and returns 200. The proxy is the service `twistd s3proxy` builds, run by"
+    " machine's cores. The backend is nginx as a static S3-like server that ignores the"
+    " proxy's signature: GETs read object files, and PUTs store the body as a file with"
+    " WebDAV PUT, answering once the whole body is in. Its files live in `/dev/shm`."
+    " The proxy is the service `twistd s3proxy` builds, run by"
     " `bench/_serve.py`, with the cache off and metrics flushed every second to a real"
     " Redis. Metrics off is the same service with a Metrics object whose recording calls do"
     " nothing and no flusher; the product has no such switch. On and off runs alternate,"
@@ -71,7 +72,7 @@ class Workload:
 WORKLOADS = (
     Workload("GET 1 KiB", "obj-1k", "get_object", 1024, "nginx static file"),
     Workload("GET 1 MiB", "obj-1m", "get_object", 1024 * 1024, "nginx static file"),
-    Workload("PUT 1 KiB", "put-1k", "put_object", 1024, "nginx 200 sink"),
+    Workload("PUT 1 KiB", "put-1k", "put_object", 1024, "nginx WebDAV PUT"),
 )
 
 
@@ -89,9 +90,9 @@ class Servers:
 
 def _start(context: Context, processes: Processes) -> Servers:
     objects = make_objects(
-        context.directory / "objects", {"obj-1k": 1024, "obj-1m": 1024 * 1024}
+        context.memory_directory / "proxy", {"obj-1k": 1024, "obj-1m": 1024 * 1024}
     )
-    redis_process, _ = processes.redis()
+    redis_process, _ = processes.redis(context.redis_conf)
     backend = free_port()
     processes.nginx("backend", nginx_backend_block(backend, objects))
 

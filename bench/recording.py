@@ -75,7 +75,7 @@ def run(context: Context) -> Benchmark:
     multiproc_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)}
 
     with Processes(directory) as processes:
-        redis_process, _ = processes.redis()
+        redis_process, _ = processes.redis(context.redis_conf)
         port = redis_process.port or 0
         ours = _worker("collector", seconds, env, port)
         anchors = {

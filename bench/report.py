@@ -19,7 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Benchmark", "Row", "Target", "describe_machine", "format_row", "render_page"]
+__all__ = [
+    "Benchmark",
+    "Row",
+    "Target",
+    "describe_machine",
+    "format_row",
+    "load_average",
+    "render_page",
+]
 
 TargetKind = Literal["ratio_max", "ratio_below", "ratio_min", "difference_max"]
 
@@ -182,7 +190,12 @@ def _source_revision(root: Path) -> str:
     return f"{head} (with uncommitted changes)" if dirty else head
 
 
-def describe_machine(root: Path) -> list[tuple[str, str]]:
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages, which show other work on the machine."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def describe_machine(root: Path, load_at_start: str) -> list[tuple[str, str]]:
     """Return (item, value) pairs that describe this machine and the software versions."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cores = f"{os.cpu_count()} online" + (f", {usable} usable by this process" if usable else "")
@@ -191,6 +204,8 @@ def describe_machine(root: Path) -> list[tuple[str, str]]:
         ("cores", cores),
         ("memory", _memory()),
         ("kernel", f"{platform.system()} {platform.release()}"),
+        ("load average (1, 5, 15 min) at start", load_at_start),
+        ("load average (1, 5, 15 min) at end", load_average()),
         ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("Twisted", _package_version("twisted")),
         ("prometheus-client", _package_version("prometheus-client")),

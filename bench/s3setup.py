@@ -1,8 +1,9 @@
 """The S3-like setup of the proxy benchmarks: object files, nginx servers, proxies, URLs.
 
-nginx serves object files as a static S3-like backend: ``GET /bench/<key>`` returns the
-file, ``PUT`` to any path reads and drops the body and returns 200, and it ignores the
-signature that the proxy adds. The proxy is configured with a real Redis for its metrics,
+nginx serves object files as a static S3-like backend that ignores the signature the proxy
+adds: ``GET /bench/<key>`` returns the file, and ``PUT /bench/<key>`` stores the body as
+that file (WebDAV ``PUT``) and answers 201 or 204 once the whole body is in, as an S3
+server answers only after the last byte. The proxy is configured with a real Redis for its metrics,
 no ``/metrics`` listener and the cache off, so every GET reaches the backend.
 """
 
@@ -41,8 +42,8 @@ REGION = "us-east-1"
 def make_objects(directory: Path, sizes: dict[str, int]) -> Path:
     """Write one object file per key into ``<directory>/bench``; return ``directory``.
 
-    Files of 64 MiB or more are sparse (``truncate``), so they take no disk space and
-    read back as zeros at memory speed.
+    Files of 64 MiB or more are sparse (``truncate``): they read back as zeros without
+    touching the disk, and take no memory in a tmpfs such as ``/dev/shm``.
     """
     bucket = directory / BUCKET
     bucket.mkdir(parents=True, exist_ok=True)
@@ -57,18 +58,21 @@ def make_objects(directory: Path, sizes: dict[str, int]) -> Path:
 
 
 def nginx_backend_block(port: int, root: Path) -> str:
-    """Return an nginx server block: static GETs from ``root``, PUTs dropped with 200."""
+    """Return an nginx server block: GETs of files below ``root``, PUTs stored there.
+
+    Request bodies are spooled next to ``root``, so that storing one is a rename within
+    the same file system.
+    """
     return f"""
     server {{
         listen 127.0.0.1:{port};
         root {root};
         client_max_body_size 0;
+        client_body_temp_path {root.parent / (root.name + "-body")};
         location = /health {{ return 200 "ok\\n"; }}
         location / {{
-            if ($request_method = PUT) {{
-                add_header ETag '"bench-put"' always;
-                return 200;
-            }}
+            dav_methods PUT;
+            create_full_put_path on;
         }}
     }}
 """
@@ -123,7 +127,7 @@ def presign(endpoint: str, method: str, key: str, expires: int = 3600) -> str:
 
 def check_url(url: str, method: str = "GET", body: bytes | None = None,
               expected_length: int | None = None) -> None:
-    """Send one request and raise RuntimeError unless the status is 200 and the length matches.
+    """Send one request and raise RuntimeError unless the status is 2xx and the length matches.
 
     Load runs replay the same URL, so one checked request proves that the signature is
     accepted and the load measures successful requests, not rejections.
@@ -139,7 +143,7 @@ def check_url(url: str, method: str = "GET", body: bytes | None = None,
             length += len(chunk)
     finally:
         connection.close()
-    if response.status != 200:
+    if not 200 <= response.status < 300:
         raise RuntimeError(f"{method} {parts.path} on port {parts.port} returned {response.status}")
     if expected_length is not None and length != expected_length:
         raise RuntimeError(

@@ -138,7 +138,7 @@ def run(context: Context) -> Benchmark:
     directory = context.directory / "scrape"
     sizes = (1_000, 10_000) if context.quick else (1_000, 10_000, 50_000)
     with Processes(directory) as processes:
-        redis_process, client = processes.redis()
+        redis_process, client = processes.redis(context.redis_conf)
         port = free_port()
         processes.python(
             "exporter",
