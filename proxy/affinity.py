@@ -3,8 +3,8 @@
 An upload ID and a ListObjectsV2 continuation token are only valid on the backend that issued
 them. Instead of remembering in memory which backend that was, which would break as soon as a
 load balancer sends the next request to another proxy of the fleet, the proxy puts the backend
-id into the value itself: ``<backend_id>~<original>``. Every proxy that knows the same backend
-ids can route the follow-up request and strip the prefix before forwarding.
+id into the value itself: ``<backend_id>~<original>``. Every proxy configured with the same
+backend ids can route the follow-up request and strip the prefix before forwarding.
 
 The functions here are pure. The gateway calls :func:`route_query` on the raw query string of
 every request, and :func:`rewrite_response` on the bodies of the responses listed in
@@ -38,7 +38,7 @@ SEPARATOR = "~"
 BACKEND_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 # Query parameters that carry a token, with the S3 error code and HTTP status for a value that
-# names no configured backend. S3 answers an unknown upload ID with 404 NoSuchUpload and a bad
+# names no configured backend. S3 rejects an unknown upload ID with 404 NoSuchUpload and a bad
 # continuation token or marker with 400 InvalidArgument.
 _QUERY_PARAMETERS: dict[str, tuple[str, int]] = {
     "uploadId": ("NoSuchUpload", 404),

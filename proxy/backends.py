@@ -58,16 +58,6 @@ class BackendState(enum.Enum):
     DOWN = 0.0
 
 
-class BackendLike(Protocol):
-    """The fields of a ``[[backends]]`` entry that the manager reads."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def priority(self) -> int: ...
-
-
 class HealthSettings(Protocol):
     """The ``[health]`` settings that the manager reads; times are in seconds."""
 
@@ -101,7 +91,7 @@ class RetryBudget:
 
     Every request deposits ``ratio`` tokens, and every failed attempt spends one, whether the
     gateway retries it or not, so retries never exceed the spent tokens. A retry is allowed
-    while at least one token is left. The bucket holds at most ``capacity`` tokens, which is
+    while at least one token is left. The bucket contains at most ``capacity`` tokens, which is
     the burst of retries an idle proxy allows, and may fall to ``-capacity`` when many
     requests fail at once, so a dying cluster pays back the retries it got before new ones are
     allowed. With ``ratio`` 0 no retry is ever allowed.
@@ -283,7 +273,7 @@ class BackendManager(Service):
 
         The first entry gets the request, and the gateway may retry on the next ones. When the
         retry budget is exhausted only one backend is returned. An empty list means no backend
-        can take the request now, and the gateway answers 503 with ``Retry-After``.
+        can take the request now, and the gateway responds with 503 and ``Retry-After``.
 
         A ``PROBING`` backend that would be preferred over every ``UP`` one gets the request
         first while it has probe admissions left; this is how live traffic returns to it.
@@ -367,7 +357,7 @@ class BackendManager(Service):
         """Record the outcome of one live attempt.
 
         :param outcome: ``failure`` for connection errors, timeouts and 5xx responses,
-            ``success`` for the rest that the backend answered, ``neutral`` for 4xx responses
+            ``success`` for every other response, ``neutral`` for 4xx responses
             and clients that went away, which say nothing about the backend's health.
         :param reason: a short description for the log and ``/status``, for example
             ``"connection refused"`` or ``"HTTP 503"``.
@@ -385,7 +375,7 @@ class BackendManager(Service):
 
     def _record(self, backend: _Backend, outcome: Outcome, reason: str) -> None:
         if outcome == "neutral" or backend.state is BackendState.DOWN:
-            # DOWN ends only by the cooldown; late answers of old requests do not count.
+            # Only the cooldown ends DOWN, so late responses to old requests do not count.
             return
 
         if outcome == "failure":

@@ -6,9 +6,9 @@ is the real one, on ``twisted.web.client.Agent``:
 
 - ``health_path`` set: a plain, unsigned ``GET <endpoint><health_path>``; any 2xx is healthy.
 - ``health_bucket`` set: a signed ``HEAD /<bucket>``; any 2xx is healthy.
-- otherwise: a signed ``GET /`` (ListBuckets); healthy only when the answer is 2xx and its body
-  is a ``ListAllMyBucketsResult`` XML document, so a proxy or captive portal answering 200
-  with something else does not count as a healthy S3 server.
+- otherwise: a signed ``GET /`` (ListBuckets). It is healthy only when the status is 2xx and
+  the body is a ``ListAllMyBucketsResult`` XML document, so a proxy or captive portal that
+  returns 200 with another body does not count as a healthy S3 server.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class HealthCheckError(Exception):
-    """A backend answered a health check, but not with a healthy answer."""
+    """A backend responded to a health check, but the response was not healthy."""
 
 
 def jittered_interval(interval: float, jitter: float, random: Callable[[], float]) -> float:

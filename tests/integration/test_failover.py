@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -54,7 +54,6 @@ class Proxy:
     metrics_port: int
     relays: dict[str, Relay]
     front: SigV4Front
-    history: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
