@@ -42,6 +42,9 @@ _BACKEND_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOST_NAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Loose on purpose: S3-compatible servers differ in which bucket names they accept, but none
+# allows a '/' or whitespace, which would change the path of the health check.
+_HEALTH_BUCKET = re.compile(r"[^/\s]{1,255}")
 
 
 class ConfigError(ValueError):
@@ -332,6 +335,12 @@ def _parse_backends(
             raise ConfigError(
                 f"{path}.health_path {health_path!r} is invalid; it must start with '/'"
             )
+        health_bucket = _optional_string(table, path, "health_bucket")
+        if health_bucket is not None and not _HEALTH_BUCKET.fullmatch(health_bucket):
+            raise ConfigError(
+                f"{path}.health_bucket {health_bucket!r} is invalid; give a bucket name of"
+                " 1 to 255 characters without '/' or spaces"
+            )
         backends.append(
             BackendConfig(
                 id=backend_id,
@@ -341,7 +350,7 @@ def _parse_backends(
                 region=_nonempty_string(table, path, "region", "us-east-1"),
                 priority=_int(table, path, "priority", 0, None),
                 health_path=health_path,
-                health_bucket=_optional_string(table, path, "health_bucket"),
+                health_bucket=health_bucket,
             )
         )
     return tuple(backends)
