@@ -57,8 +57,20 @@ def expected_totals(count: int, writers: int) -> dict[str, Counter[tuple[str, ..
 
 def main(argv: list[str]) -> int:
     from twisted.internet import reactor, task
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     from collector import open_monitoring
+
+    # Warnings and errors go to stderr, so a failing test shows why a flush failed.
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     url, namespace, count = argv[0], argv[1], int(argv[2])
     stop_file = argv[3] if len(argv) > 3 else None
