@@ -20,7 +20,8 @@ map to one slot and the store's Lua scripts run on that slot's primary.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -29,6 +30,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.connection import Encoder
+from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
 __all__ = [
@@ -207,8 +209,52 @@ class LazyCluster:
         """Return a script object bound to this client; no connection is made."""
         return Script(self, script)
 
+    def pipeline(self, transaction: bool = False) -> _ClusterPipeline:
+        """Return a pipeline whose ``execute`` raises Redis errors only."""
+        with _as_redis_error():
+            return _ClusterPipeline(self.cluster().pipeline(transaction=transaction))
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.cluster(), name)
+        with _as_redis_error():
+            attribute = getattr(self.cluster(), name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _as_redis_error():
+                return attribute(*args, **kwargs)
+
+        return call
+
+
+class _ClusterPipeline:
+    """A cluster pipeline whose ``execute`` raises Redis errors only."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self._pipeline = pipeline
+
+    def __enter__(self) -> _ClusterPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pipeline.reset()
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        with _as_redis_error():
+            return list(self._pipeline.execute(raise_on_error=raise_on_error))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
+
+
+@contextmanager
+def _as_redis_error() -> Iterator[None]:
+    # redis-py raises RedisClusterException (no RedisError) when no node answers or a
+    # slot has no node; callers handle Redis errors only.
+    try:
+        yield
+    except RedisClusterException as err:
+        raise redis.ConnectionError(f"Redis Cluster unavailable: {err}") from err
 
 
 def metrics_url(
