@@ -156,6 +156,16 @@ def _assert_exact(registry: CollectorRegistry, writers: int) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def primary(redis_server: RedisServer) -> None:
+    """Fail early when the Redis under test is a replica, e.g. from a rewritten redis.conf."""
+    role = redis_server.client().info("replication")["role"]
+    assert role == "master", (
+        f"redis-server on port {redis_server.port} runs as {role!r}; check that redis.conf "
+        "has no 'replicaof' line written by CONFIG REWRITE"
+    )
+
+
 @pytest.fixture
 def scraper(redis_server: RedisServer) -> Iterator[Scraper]:
     scraper = Scraper(redis_server.url)
