@@ -575,6 +575,7 @@ class Fill:
         self._expected_length: int | None = None
         self._etag = ""
         self._last_modified: int | None = None
+        self._accepted = False
         self._done = False
 
     def start(self, status: int, headers: Headers) -> Hit | None:
@@ -601,6 +602,7 @@ class Fill:
             self._give_up(reason)
             return None
         self._headers = _stored_headers(headers)
+        self._accepted = True
         # A reservation covers the whole object up front when its length is known.
         if self._expected_length is not None and not self._reserve(
             entry_size(self._shape.entry_key, self._headers, self._expected_length)
@@ -611,6 +613,9 @@ class Fill:
     def write(self, data: bytes) -> None:
         """Take a body chunk; stop storing once it exceeds ``max_object_bytes`` or ``max_bytes``."""
         if not self._storing or self._done or not data:
+            return
+        if not self._accepted:
+            self._give_up("body arrived before the status and headers")
             return
         self._received += len(data)
         if self._received > self._cache._settings.max_object_bytes:
@@ -632,6 +637,9 @@ class Fill:
             return
         if not self._storing:
             self._end()
+            return
+        if not self._accepted:
+            self._give_up("fill finished without status and headers")
             return
         if self._expected_length is not None and self._received != self._expected_length:
             self._give_up(

@@ -345,6 +345,17 @@ def test_short_body_not_stored() -> None:
     assert len(cache) == 0
 
 
+def test_fill_without_start_not_stored() -> None:
+    """A fill that gets body bytes without a status and headers stores nothing."""
+    cache, _, _ = make_cache()
+    outcome = result(cache.lookup(AUTH, request()))
+    assert isinstance(outcome, Miss)
+    outcome.fill.write(b"hello")
+    outcome.fill.finish()
+    assert len(cache) == 0
+    assert cache.reserved_bytes == 0
+
+
 def test_abort_not_stored() -> None:
     """An aborted fill stores nothing and releases its reservation."""
     cache, _, _ = make_cache()
