@@ -110,6 +110,7 @@ class RedisCollector:
         self._errors = dict.fromkeys(SCRAPE_ERROR_CAUSES, 0)
         self._store_failing = False
         self._last_error_log: float | None = None
+        self._last_prune_log: float | None = None
         self._unlogged_errors = 0
 
     def describe(self) -> Iterator[Metric]:
@@ -211,11 +212,21 @@ class RedisCollector:
                 stale, now - self.gauge_ttl, now - self.sequence_retention
             )
         except _STORE_ERRORS as err:
-            self._log.warn(
-                "Could not remove stale writers {writers}: {error}",
-                writers=sorted(stale),
-                error=f"{type(err).__name__}: {err}",
-            )
+            # A read-only exporter user fails here on every scrape, so log rarely.
+            with self._lock:
+                due = (
+                    self._last_prune_log is None
+                    or now - self._last_prune_log >= self.error_log_interval
+                )
+                if due:
+                    self._last_prune_log = now
+            if due:
+                self._log.warn(
+                    "Could not remove stale writers {writers}; their gauges stay hidden but "
+                    "stored. Give the exporter's Redis user write access: {error}",
+                    writers=sorted(stale),
+                    error=f"{type(err).__name__}: {err}",
+                )
             return
         if removed:
             self._log.info(

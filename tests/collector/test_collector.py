@@ -12,6 +12,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
 from collector.buffer import DeltaBuffer
 from collector.collector import RedisCollector
@@ -122,6 +123,25 @@ def test_gauge_ttl_expiry(redis_store: RedisStore, exporter: CollectorRegistry,
     snapshot = redis_store.read(["s3proxy_backend_state"])
     assert list(snapshot.heartbeats) == [WRITER_B]
     assert list(snapshot.families["s3proxy_backend_state"]) == [encode_field([WRITER_B, "b1"])]
+
+
+def test_prune_failure_logged_rarely(redis_store: RedisStore, clock: Clock) -> None:
+    """A failing prune hides stale gauges anyway and logs once per error_log_interval."""
+    _writer(redis_store, WRITER_A, 1000, lambda m: m.backend_state.labels("b1").set(1))
+    clock.advance(20)
+
+    def refuse(*args: object) -> int:
+        raise redis.ResponseError("NOPERM this user has no permissions to run 'evalsha'")
+
+    redis_store.prune = refuse  # type: ignore[method-assign]
+    registry = _registry(RedisCollector(redis_store, clock, gauge_ttl=15, error_log_interval=60))
+    with capturedLogs() as events:
+        for _ in range(3):
+            assert samples(registry, "s3proxy_backend_state") == []
+            clock.advance(10)
+    warnings = [event for event in events if "Could not remove" in event["log_format"]]
+    assert len(warnings) == 1
+    assert "NOPERM" in warnings[0]["error"]
 
 
 def test_counters_survive_ttl(redis_store: RedisStore, exporter: CollectorRegistry,
