@@ -1,19 +1,22 @@
 """Redis Sentinel and Redis Cluster deployments for integration tests, on loopback ports.
 
-Each node is a ``RedisServer`` built from the repository's ``redis.conf``. A Sentinel
+Each node is a ``RedisServer`` on its own copy of the repository's ``redis.conf``. A Sentinel
 deployment is one primary, one replica and one Sentinel; a cluster is three primaries
 without replicas, created with ``redis-cli --cluster create``.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import redis
 
 from tests.support.servers import (
+    REPO_ROOT,
     START_TIMEOUT,
     RedisServer,
     free_port,
@@ -23,6 +26,25 @@ from tests.support.servers import (
 )
 
 SERVICE = "mymaster"
+
+
+class _NodeServer(RedisServer):
+    """A RedisServer that runs on its own copy of ``redis.conf``.
+
+    Sentinel sends CONFIG REWRITE to the nodes it reconfigures, which writes
+    ``replicaof`` into the configuration file; the repository's file must stay untouched.
+    """
+
+    def __init__(self, tmp_path: Path, port: int | None = None, appendonly: bool = True,
+                 extra_args: Iterable[str] = ()) -> None:
+        super().__init__(tmp_path, port=port, appendonly=appendonly, extra_args=extra_args)
+        self.config_path = self.dir / "redis.conf"
+        shutil.copy(REPO_ROOT / "redis.conf", self.config_path)
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        return [str(self.config_path) if arg == str(REPO_ROOT / "redis.conf") else arg
+                for arg in argv]
 
 
 def _wait(condition: object, what: str, timeout: float = START_TIMEOUT) -> None:
@@ -44,8 +66,8 @@ class SentinelDeployment:
     def __init__(self, tmp_path: Path) -> None:
         self.dir = Path(tmp_path) / "sentinel"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.primary = RedisServer(self.dir)
-        self.replica = RedisServer(
+        self.primary = _NodeServer(self.dir)
+        self.replica = _NodeServer(
             self.dir, extra_args=["--replicaof", "127.0.0.1", str(self.primary.port)]
         )
         self.sentinel_port = free_port()
@@ -146,7 +168,7 @@ class ClusterDeployment:
         for _ in range(size):
             port = free_port()
             self.nodes.append(
-                RedisServer(
+                _NodeServer(
                     self.dir,
                     port=port,
                     appendonly=False,
