@@ -104,7 +104,7 @@ def open_monitoring(
     if writer_id is None:
         writer_id = make_writer_id()
 
-    metrics = Metrics(DeltaBuffer())
+    metrics = Metrics(DeltaBuffer(clock=reactor.seconds))
     flusher = Flusher(
         store, metrics, writer_id, reactor, run_in_thread, interval=flush_interval
     )

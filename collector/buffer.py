@@ -10,6 +10,7 @@ reactor thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Batch", "DeltaBuffer", "HistogramDelta", "SeriesKey"]
@@ -46,10 +47,12 @@ class Batch:
     :ivar sequence: increases by one per batch of this writer; the store applies a batch
         only when its sequence is greater than the last one it applied for ``writer``.
     :ivar created: when the batch was cut from the buffer, in seconds since the epoch of
-        the writer's clock; gauge values carry this timestamp.
+        the writer's clock.
     :ivar counters: counter increments per series.
     :ivar histograms: bucket counts and sums per series.
     :ivar gauges: the current value of every gauge series of this writer.
+    :ivar gauge_times: when each gauge was last set, in seconds of the writer's clock;
+        a gauge without an entry was set at ``created`` as far as the store knows.
     :ivar retire: when true the store removes this writer's gauges and heartbeat after
         applying the deltas; set on the last batch of a clean stop.
     """
@@ -60,6 +63,7 @@ class Batch:
     counters: dict[SeriesKey, float] = field(default_factory=dict)
     histograms: dict[SeriesKey, HistogramDelta] = field(default_factory=dict)
     gauges: dict[SeriesKey, float] = field(default_factory=dict)
+    gauge_times: dict[SeriesKey, float] = field(default_factory=dict)
     retire: bool = False
 
     def series_count(self) -> int:
@@ -74,14 +78,20 @@ class DeltaBuffer:
     :ivar histograms: histogram observations per series.
     :ivar gauges: the current value of each gauge series. Unlike the deltas, gauges are
         kept across swaps, so every batch carries the full gauge state.
+    :ivar gauge_times: when each gauge was last set, recorded only with a ``clock``.
+    :param clock: returns the time in seconds, e.g. ``reactor.seconds``; gauges of the
+        ``mostrecent`` mode compare these times across writers. Without a clock a gauge
+        counts as set when its batch was cut.
     """
 
-    __slots__ = ("counters", "histograms", "gauges")
+    __slots__ = ("counters", "histograms", "gauges", "gauge_times", "clock")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.counters: dict[SeriesKey, float] = {}
         self.histograms: dict[SeriesKey, HistogramDelta] = {}
         self.gauges: dict[SeriesKey, float] = {}
+        self.gauge_times: dict[SeriesKey, float] = {}
+        self.clock = clock
 
     def swap(self, writer: str, sequence: int, created: float, retire: bool = False) -> Batch:
         """Move the deltas into a new :class:`Batch` and start fresh ones.
@@ -95,6 +105,7 @@ class DeltaBuffer:
             counters=self.counters,
             histograms=self.histograms,
             gauges=dict(self.gauges),
+            gauge_times=dict(self.gauge_times),
             retire=retire,
         )
         self.counters = {}

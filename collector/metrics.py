@@ -80,7 +80,10 @@ class GaugeChild:
             raise ValueError(
                 f"gauge value {value!r} of {self._key[0]!r} is invalid; give a finite number"
             )
-        self._buffer.gauges[self._key] = float(value)
+        buffer = self._buffer
+        buffer.gauges[self._key] = float(value)
+        if buffer.clock is not None:
+            buffer.gauge_times[self._key] = buffer.clock()
 
     def inc(self, amount: float = 1) -> None:
         """Add ``amount`` (may be negative) to the gauge; an unset gauge starts at 0.

@@ -164,12 +164,14 @@ def batch_operations(batch: Batch) -> list[tuple[str, str, str, str]]:
         operations.append(("f", name, encode_field((*labels, "sum")), repr(float(delta.sum))))
         operations.append(("i", name, encode_field((*labels, "count")), str(delta.count)))
 
-    for (name, labels), value in batch.gauges.items():
+    for key, value in batch.gauges.items():
+        name, labels = key
         gauge_field = encode_field((batch.writer, *labels))
         if batch.retire:
             operations.append(("d", name, gauge_field, ""))
         else:
-            operations.append(("s", name, gauge_field, f"{float(value)!r} {batch.created!r}"))
+            stamp = float(batch.gauge_times.get(key, batch.created))
+            operations.append(("s", name, gauge_field, f"{float(value)!r} {stamp!r}"))
     return operations
 
 

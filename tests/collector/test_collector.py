@@ -111,6 +111,19 @@ def test_gauge_modes(redis_store: RedisStore, exporter: CollectorRegistry, mode:
     assert samples(exporter, "demo_queue") == [({}, expected)]
 
 
+def test_mostrecent_uses_set_time(redis_store: RedisStore, exporter: CollectorRegistry) -> None:
+    """mostrecent takes the value set last, not the one flushed last."""
+    definition = MetricDefinition("demo_leader", "gauge", "Demo.", gauge_mode="mostrecent")
+    for writer, set_at, value, cut_at in ((WRITER_A, 1005.0, 7, 1006.0),
+                                          (WRITER_B, 1001.0, 9, 1009.0)):
+        metrics = Metrics(DeltaBuffer(clock=lambda set_at=set_at: set_at), extra=(definition,))
+        redis_store.register(metrics.definitions)
+        metrics.family("demo_leader").set(value)  # type: ignore[union-attr]
+        redis_store.apply(metrics.buffer.swap(writer, 1, cut_at), cut_at)
+
+    assert samples(exporter, "demo_leader") == [({}, 7.0)]
+
+
 def test_gauge_ttl_expiry(redis_store: RedisStore, exporter: CollectorRegistry,
                           clock: Clock) -> None:
     """Gauges of a writer silent for longer than the TTL disappear and are pruned."""
