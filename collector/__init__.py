@@ -66,6 +66,7 @@ def open_monitoring(
     reactor: Any = None,
     *,
     gauge_ttl: float | None = None,
+    max_pending_series: int | None = 100_000,
     scrape_timeout: float = 10.0,
     writer_id: str | None = None,
     run_in_thread: RunInThread | None = None,
@@ -82,6 +83,10 @@ def open_monitoring(
     :param reactor: provides time and the thread pool; default the global reactor.
     :param gauge_ttl: seconds without heartbeat after which a process's gauges are
         dropped; default ``max(15, 3 x flush_interval)``.
+    :param max_pending_series: the most counter and histogram series the buffer keeps,
+        e.g. while Redis cannot be reached; deltas of further new series are added to
+        their family's overflow series (label values ``_overflow``) and counted in
+        ``s3proxy_metrics_overflow_total``. None for no cap.
     :param scrape_timeout: seconds a ``/metrics`` collection may take before a 503.
     :param writer_id: this process's id; default host name, pid and a random boot id.
     :param run_in_thread: runs blocking store calls; default the reactor's thread pool.
@@ -104,7 +109,7 @@ def open_monitoring(
     if writer_id is None:
         writer_id = make_writer_id()
 
-    metrics = Metrics(DeltaBuffer(clock=reactor.seconds))
+    metrics = Metrics(DeltaBuffer(clock=reactor.seconds, max_series=max_pending_series))
     flusher = Flusher(
         store, metrics, writer_id, reactor, run_in_thread, interval=flush_interval
     )

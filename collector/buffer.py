@@ -6,6 +6,16 @@ and ships their contents as one :class:`Batch`.
 
 The buffer has no lock: recording calls and :meth:`DeltaBuffer.swap` must all run on the
 reactor thread.
+
+While the store cannot be reached, the buffer keeps merging deltas, so its size grows with
+the number of distinct series, never with the number of recordings. ``max_series`` caps it:
+once the buffer holds that many counter and histogram series, a delta of a series that is
+not in the buffer yet is added to its family's overflow series instead, whose label values
+are all :data:`OVERFLOW_LABEL`, and ``s3proxy_metrics_overflow_total{family}`` counts the
+recording. So every delta still reaches the family's total, and only the breakdown by
+labels of those deltas is lost. A family without labels has nothing to merge, so its
+one series is always admitted. Gauges are not capped: they hold one current value per
+series, which does not grow while the store is down.
 """
 
 from __future__ import annotations
@@ -13,7 +23,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Batch", "DeltaBuffer", "HistogramDelta", "SeriesKey"]
+__all__ = [
+    "OVERFLOW_FAMILY",
+    "OVERFLOW_LABEL",
+    "Batch",
+    "DeltaBuffer",
+    "HistogramDelta",
+    "SeriesKey",
+]
+
+OVERFLOW_LABEL = "_overflow"
+"""The value of every label of a family's overflow series."""
+
+OVERFLOW_FAMILY = "s3proxy_metrics_overflow_total"
+"""The counter of recordings merged into overflow series, labelled by family."""
 
 SeriesKey = tuple[str, tuple[str, ...]]
 """A series: the family name and its label values in definition order."""
@@ -82,16 +105,46 @@ class DeltaBuffer:
     :param clock: returns the time in seconds, e.g. ``reactor.seconds``; gauges of the
         ``mostrecent`` mode compare these times across writers. Without a clock a gauge
         counts as set when its batch was cut.
+    :param max_series: the most counter and histogram series the buffer takes before new
+        series go to overflow series; None for no cap. Overflow series and the overflow
+        counter may exceed it by at most two series per family.
+    :raises ValueError: for a ``max_series`` below 1.
     """
 
-    __slots__ = ("counters", "histograms", "gauges", "gauge_times", "clock")
+    __slots__ = ("counters", "histograms", "gauges", "gauge_times", "clock", "max_series")
 
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, clock: Callable[[], float] | None = None, max_series: int | None = None
+    ) -> None:
+        if max_series is not None and max_series < 1:
+            raise ValueError(
+                f"max_series {max_series!r} is invalid; give an integer >= 1 or None"
+            )
         self.counters: dict[SeriesKey, float] = {}
         self.histograms: dict[SeriesKey, HistogramDelta] = {}
         self.gauges: dict[SeriesKey, float] = {}
         self.gauge_times: dict[SeriesKey, float] = {}
         self.clock = clock
+        self.max_series = max_series
+
+    def admit(self, key: SeriesKey) -> SeriesKey:
+        """Return where a delta of ``key``, a series not in the buffer yet, goes.
+
+        That is ``key`` itself while the buffer is under ``max_series``, and otherwise the
+        family's overflow series; each overflow also counts one recording in
+        :data:`OVERFLOW_FAMILY`. Recording calls call this on their first delta of a
+        series since the last swap.
+        """
+        if (
+            self.max_series is None
+            or len(self.counters) + len(self.histograms) < self.max_series
+            or not key[1]
+        ):
+            return key
+        name, labels = key
+        overflow_key = (OVERFLOW_FAMILY, (name,))
+        self.counters[overflow_key] = self.counters.get(overflow_key, 0.0) + 1
+        return name, (OVERFLOW_LABEL,) * len(labels)
 
     def swap(self, writer: str, sequence: int, created: float, retire: bool = False) -> Batch:
         """Move the deltas into a new :class:`Batch` and start fresh ones.

@@ -18,6 +18,7 @@ __all__ = [
     "APPLICATION_METRICS",
     "DEFAULT_BUCKETS",
     "FLUSH_FAILURES",
+    "OVERFLOW",
     "PENDING_SERIES",
     "WRITER_METRICS",
     "GaugeMode",
@@ -238,5 +239,13 @@ PENDING_SERIES = MetricDefinition(
     "the store when it cut its last batch.",
 )
 
+OVERFLOW = MetricDefinition(
+    "s3proxy_metrics_overflow_total",
+    "counter",
+    "Recordings of a new series that did not fit under [metrics] max_pending_series and "
+    "were added to the family's overflow series, whose label values are all '_overflow'.",
+    ("family",),
+)
+
 # Families that every writer records about its own flushing, whatever it measures.
-WRITER_METRICS: tuple[MetricDefinition, ...] = (FLUSH_FAILURES, PENDING_SERIES)
+WRITER_METRICS: tuple[MetricDefinition, ...] = (FLUSH_FAILURES, PENDING_SERIES, OVERFLOW)

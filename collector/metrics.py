@@ -59,7 +59,13 @@ class CounterChild:
                 "counters only increase by a finite amount >= 0"
             )
         counters = self._buffer.counters
-        counters[self._key] = counters.get(self._key, 0.0) + amount
+        key = self._key
+        total = counters.get(key)
+        if total is None:
+            # First delta of this series since the last swap; see DeltaBuffer.admit.
+            key = self._buffer.admit(key)
+            total = counters.get(key, 0.0)
+        counters[key] = total + amount
 
 
 class GaugeChild:
@@ -129,7 +135,11 @@ class HistogramChild:
         histograms = self._buffer.histograms
         delta = histograms.get(self._key)
         if delta is None:
-            delta = histograms[self._key] = HistogramDelta(len(self._bounds))
+            # First observation of this series since the last swap; see DeltaBuffer.admit.
+            key = self._buffer.admit(self._key)
+            delta = histograms.get(key)
+            if delta is None:
+                delta = histograms[key] = HistogramDelta(len(self._bounds))
         # A value equal to a bound belongs to that bucket (le means "less or equal").
         delta.buckets[bisect_left(self._bounds, value)] += 1
         delta.sum += value
