@@ -185,7 +185,7 @@ class LazyCluster:
     def cluster(self) -> RedisCluster:
         """Return the cluster client, building it now if needed.
 
-        :raises redis.RedisError: when no startup node answers.
+        :raises redis.RedisError: when no startup node responds.
         """
         client = self._client
         if client is not None:
@@ -249,7 +249,7 @@ class _ClusterPipeline:
 
 @contextmanager
 def _as_redis_error() -> Iterator[None]:
-    # redis-py raises RedisClusterException (no RedisError) when no node answers or a
+    # redis-py raises RedisClusterException (no RedisError) when no node responds or a
     # slot has no node; callers handle Redis errors only.
     try:
         yield
