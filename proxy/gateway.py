@@ -626,6 +626,8 @@ class Exchange:
                 for name, value in outcome.backend_headers.items()
             }
         if self.completed:
+            if self.cache_fill is not None:
+                self.cache_fill.abort()
             return
         if isinstance(outcome, Hit):
             assert self.gateway.cache is not None
