@@ -118,10 +118,12 @@ class RedisServer:
         return self.process.pid
 
     def argv(self) -> list[str]:
-        config = REPO_ROOT / "redis.conf"
-        argv = [self.binary]
-        if config.exists():
-            argv.append(str(config))
+        # A copy, because CONFIG REWRITE (run by Sentinel and by some tests) rewrites the file
+        # redis-server was started with.
+        config = self.dir / "redis.conf"
+        if not config.exists():
+            shutil.copy(REPO_ROOT / "redis.conf", config)
+        argv = [self.binary, str(config)]
         argv += [
             "--port", str(self.port),
             "--bind", "127.0.0.1",
