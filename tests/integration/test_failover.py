@@ -76,12 +76,15 @@ class Proxy:
             ),
         )
 
-    def status(self) -> dict[str, str]:
-        """Return the state of every backend from /status."""
+    def backends(self) -> list[dict[str, object]]:
+        """Return the backend entries of /status."""
         url = f"http://127.0.0.1:{self.metrics_port}/status"
         with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.load(response)
-        return {backend["id"]: backend["state"] for backend in body["backends"]}
+            return list(json.load(response)["backends"])
+
+    def status(self) -> dict[str, str]:
+        """Return the state of every backend from /status."""
+        return {str(backend["id"]): str(backend["state"]) for backend in self.backends()}
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Return every sample of /metrics keyed by name and sorted labels."""
@@ -332,6 +335,10 @@ def test_failover_under_load(start_proxy: Callable[..., Proxy]) -> None:
     for _ in range(5):
         client.get_object(Bucket=bucket, Key="steady")["Body"].read()  # type: ignore[attr-defined]
     assert len(primary.requests_seen("GET", f"/{bucket}/steady")) == before + 5
+
+    # Every attempt that started also ended, retried ones included.
+    assert [backend["in_flight"] for backend in proxy.backends()] == [0, 0]
+    assert proxy.backends()[0]["last_error"] is not None
 
 
 def test_multipart_sticks_round_robin(start_proxy: Callable[..., Proxy]) -> None:
