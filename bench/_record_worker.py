@@ -1,11 +1,14 @@
 """Time recording calls of one implementation in a fresh interpreter.
 
-Run as ``python -m bench._record_worker VARIANT SECONDS [REDIS_PORT]``, where VARIANT is
-``collector`` (this project's ``collector.Metrics``), ``prometheus`` (prometheus_client
-in-process), ``multiprocess`` (prometheus_client with ``PROMETHEUS_MULTIPROC_DIR`` set by
-the caller, so that its values are mmap files) or ``redis`` (one ``HINCRBY`` round trip to
-the redis-server on REDIS_PORT per call). It prints one JSON object: operation name ->
-nanoseconds per call.
+Run as ``python -m bench._record_worker VARIANT SECONDS [REDIS_PORT]``. The variants are:
+
+- ``collector``: this project's ``collector.Metrics``;
+- ``prometheus``: prometheus_client in-process;
+- ``multiprocess``: prometheus_client with ``PROMETHEUS_MULTIPROC_DIR`` set by the caller,
+  so that its values are mmap files;
+- ``redis``: one ``HINCRBY`` round trip to the redis-server on REDIS_PORT per call.
+
+It prints one JSON object: operation name -> nanoseconds per call.
 
 Every variant runs in its own interpreter, so no variant inherits another's warm caches,
 and prometheus_client reads ``PROMETHEUS_MULTIPROC_DIR`` before its first import, as it
@@ -25,13 +28,27 @@ OPERATION_LABELS = ("get_object", "200")
 OBSERVATION = 0.012  # seconds; falls in a middle bucket of the default buckets
 
 
+def product_metrics() -> Any:
+    """Return a ``collector.Metrics`` built by ``open_monitoring``, as a proxy builds it.
+
+    The flusher is never started, so the buffer only grows; nothing runs in a thread.
+    """
+    from twisted.internet.task import Clock
+
+    from collector import open_monitoring
+    from collector.store import EmbeddedStore
+
+    def no_thread(function: Callable[..., Any], *args: Any) -> Any:
+        raise AssertionError("the benchmarks never start the flusher of product_metrics()")
+
+    monitoring = open_monitoring(reactor=Clock(), run_in_thread=no_thread, store=EmbeddedStore())
+    return monitoring.metrics
+
+
 def _statements(variant: str, redis_port: int | None) -> dict[str, Callable[[], Any]]:
     """Return one zero-argument callable per operation, bound to fresh metrics."""
     if variant == "collector":
-        from collector.buffer import DeltaBuffer
-        from collector.metrics import Metrics
-
-        metrics = Metrics(DeltaBuffer())
+        metrics = product_metrics()
         counter = metrics.requests_total
         child = counter.labels(*OPERATION_LABELS)
         histogram = metrics.request_latency_seconds.labels("get_object")

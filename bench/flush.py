@@ -14,10 +14,11 @@ from typing import Any
 
 import redis
 
+from bench._record_worker import product_metrics
 from bench.context import Context
 from bench.processes import Processes
 from bench.report import Benchmark, Row
-from collector.buffer import Batch, DeltaBuffer
+from collector.buffer import Batch
 from collector.metrics import Metrics
 from collector.store import RedisStore, batch_operations
 
@@ -79,7 +80,7 @@ def _command_usec(client: redis.Redis, names: tuple[str, ...]) -> tuple[float, i
 def _measure_size(
     client: redis.Redis, store: RedisStore, series: int, flushes: int
 ) -> dict[str, float]:
-    metrics = Metrics(DeltaBuffer())
+    metrics = product_metrics()
     sequence = 0
 
     # The first flush creates the fields and loads the script. It is not timed, because
@@ -128,7 +129,7 @@ def run(context: Context) -> Benchmark:
     with Processes(context.directory / "flush") as processes:
         _, client = processes.redis(context.redis_conf)
         store = RedisStore(client, namespace="bench-flush")
-        store.register(Metrics(DeltaBuffer()).definitions)
+        store.register(product_metrics().definitions)
         for series in SIZES:
             figures = _measure_size(client, store, series, flushes)
             per_series = 1e6 / series

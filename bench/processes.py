@@ -25,6 +25,7 @@ __all__ = [
     "MissingProgramError",
     "Process",
     "Processes",
+    "cpu_seconds",
     "free_port",
     "peak_rss_kib",
     "require_programs",
@@ -136,6 +137,19 @@ def _log_tail(log_path: Path, lines: int = 30) -> str:
         return ""
     text = log_path.read_text(errors="replace").splitlines()[-lines:]
     return f"\nlast lines of {log_path}:\n" + "\n".join(text)
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time that process ``pid`` has used, in seconds.
+
+    The time covers every thread of the process; its resolution is one clock tick
+    (usually 10 ms).
+    """
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # The command name in parentheses may contain spaces, so fields count from its end.
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_kib(pid: int) -> int:

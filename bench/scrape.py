@@ -22,13 +22,12 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
+from bench._record_worker import product_metrics
 from bench._scrape_worker import PROCESS_FILES, series_plan
 from bench.context import Context
 from bench.processes import REPO_ROOT, Processes, free_port
 from bench.report import Benchmark, Row, Target
-from collector.buffer import DeltaBuffer
 from collector.collector import RedisCollector
-from collector.metrics import Metrics
 from collector.store import RedisStore
 
 __all__ = ["run"]
@@ -65,7 +64,7 @@ class _WallClock:
 def _populate(client: redis.Redis, samples: int) -> RedisStore:
     client.flushdb()
     store = RedisStore(client, namespace=NAMESPACE)
-    metrics = Metrics(DeltaBuffer())
+    metrics = product_metrics()
     store.register(metrics.definitions)
     counters, histograms = series_plan(samples)
     for index in range(counters):
