@@ -23,6 +23,9 @@ from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
 
+from collector.connection import HA_SCHEMES, metrics_url, parse_ha_url
+from collector.store import redact_url
+
 __all__ = [
     "BackendConfig",
     "CacheConfig",
@@ -60,7 +63,8 @@ class ServerConfig:
     """
     The S3 listener and the limits applied to client requests.
 
-    Sizes are in bytes and times in seconds.
+    Sizes are in bytes and times in seconds. C{shutdown_timeout} bounds how long a stop
+    (SIGTERM) waits for requests in flight before the last metrics flush; 0 does not wait.
     """
 
     listen: str = "tcp:9000"
@@ -73,6 +77,7 @@ class ServerConfig:
     retry_body_max_bytes: int = 8 * 1024**2
     access_log_json: bool = False
     virtual_host_suffixes: tuple[str, ...] = ()
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -82,12 +87,22 @@ class MetricsConfig:
 
     An empty C{listen} turns the listener off in this process. C{redis_url} L{None} selects the
     embedded single-process store. C{flush_interval} is in seconds.
+
+    C{redis_url} is the effective store URL: C{sentinels} with C{sentinel_service} become a
+    C{redis+sentinel://} URL, and C{cluster} turns a C{redis://} URL into C{redis+cluster://}.
+    C{max_pending_series} caps the counter and histogram series a process keeps while Redis
+    cannot be reached; deltas of further new series are merged into one overflow series per
+    family and counted in C{s3proxy_metrics_overflow_total}.
     """
 
     listen: str = "tcp:9091"
     redis_url: str | None = None
     namespace: str = "s3proxy"
     flush_interval: float = 1.0
+    sentinels: tuple[str, ...] = ()
+    sentinel_service: str | None = None
+    cluster: bool = False
+    max_pending_series: int = 100000
 
 
 @dataclass(frozen=True)
@@ -260,6 +275,9 @@ def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
         ),
         access_log_json=_bool(table, "server", "access_log_json", defaults.access_log_json),
         virtual_host_suffixes=tuple(s.lower() for s in suffixes),
+        shutdown_timeout=_float(
+            table, "server", "shutdown_timeout", defaults.shutdown_timeout, allow_zero=True
+        ),
     )
 
 
@@ -270,11 +288,29 @@ def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
     if "redis_url" in table:
         redis_url = _nonempty_string(table, "metrics", "redis_url", "")
         parts = urlsplit(redis_url)
-        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        if parts.scheme not in ("redis", "rediss", "unix", *HA_SCHEMES) or not (
+            parts.netloc or parts.path
+        ):
             raise ConfigError(
-                f"metrics.redis_url {redis_url!r} is not a Redis URL;"
-                " use redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH"
+                f"metrics.redis_url {redact_url(redis_url)!r} is not a Redis URL;"
+                " use redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH,"
+                " redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE[/DB] or"
+                " redis+cluster://HOST:PORT[,HOST:PORT]"
             )
+        if parts.scheme in HA_SCHEMES:
+            try:
+                parse_ha_url(redis_url)
+            except ValueError as err:
+                raise ConfigError(
+                    f"metrics.redis_url {redact_url(redis_url)!r} is invalid: {err}"
+                ) from None
+    sentinels = tuple(_string_list(table, "metrics", "sentinels"))
+    sentinel_service = _optional_string(table, "metrics", "sentinel_service")
+    cluster = _bool(table, "metrics", "cluster", defaults.cluster)
+    try:
+        store_url = metrics_url(redis_url, sentinels, sentinel_service, cluster)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     namespace = _nonempty_string(table, "metrics", "namespace", defaults.namespace)
     if not _BACKEND_ID.fullmatch(namespace):
         raise ConfigError(
@@ -282,9 +318,15 @@ def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
         )
     return MetricsConfig(
         listen=_endpoint(table, "metrics", "listen", defaults.listen, allow_empty=True),
-        redis_url=redis_url,
+        redis_url=store_url,
         namespace=namespace,
         flush_interval=_float(table, "metrics", "flush_interval", defaults.flush_interval),
+        sentinels=sentinels,
+        sentinel_service=sentinel_service,
+        cluster=cluster,
+        max_pending_series=_int(
+            table, "metrics", "max_pending_series", defaults.max_pending_series, 1
+        ),
     )
 
 
