@@ -171,6 +171,36 @@ class Gateway:
         self.new_request_id = new_request_id
         self.users = {user.access_key: user.secret_key for user in config.users}
         self.backend_ids = frozenset(backend.id for backend in config.backends)
+        self.in_flight = 0
+        self.draining = False
+        self._drain_waiters: list[Deferred[None]] = []
+
+    def request_started(self) -> None:
+        """Count one request as in flight until L{request_finished}."""
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        """Count one request as finished; fires the L{drain} Deferreds at zero."""
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """
+        Start refusing keep-alive and return a Deferred that fires with no request in flight.
+
+        From now on every connection closes after its current response, so clients open no
+        new request on it while the process stops. The Deferred never fails.
+        """
+        self.draining = True
+        waiter: Deferred[None] = Deferred()
+        if self.in_flight <= 0:
+            waiter.callback(None)
+        else:
+            self._drain_waiters.append(waiter)
+        return waiter
 
     def record(self, operation: str, code: str, seconds: float) -> None:
         """Record one client request in C{requests_total} and C{request_latency_seconds}."""
@@ -403,6 +433,9 @@ class Exchange:
         self.cache_fill: Any = None
         self.cache_backend_headers: dict[str, str] = {}
         self.invalidated_keys: list[str] | None = []
+        # The request drops its channel when it finishes; complete() still needs it.
+        self.channel: Any = request.channel
+        gateway.request_started()
 
     # Step 1: headers.
 
@@ -987,6 +1020,12 @@ class Exchange:
         if self.completed:
             return
         self.completed = True
+        if self.gateway.draining:
+            # The process is stopping: close the connection once this response is written
+            # (loseConnection sends what is buffered first), so no new request comes on it.
+            transport = getattr(self.channel, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
         if self.cache_lookup is not None:
             self.cache_lookup.cancel()
         if self.cache_fill is not None:
@@ -1013,6 +1052,7 @@ class Exchange:
                 " {seconds}s {bytes_sent}B",
                 **fields,
             )
+        self.gateway.request_finished()
 
     def _bug(self, failure: Failure) -> None:
         self._log.failure(
