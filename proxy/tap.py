@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
@@ -21,13 +22,20 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from collector.connection import HA_SCHEMES, open_pubsub_client
 from proxy.backends import BackendManager, StatusResource
 from proxy.cache import ObjectCache
-from proxy.cache_invalidation import InvalidationBus, LocalInvalidationBus, RedisInvalidationBus
+from proxy.cache_invalidation import (
+    InvalidationBus,
+    LocalInvalidationBus,
+    RedisInvalidationBus,
+    invalidation_channel,
+)
 from proxy.config import Config, ConfigError, load_config
 from proxy.forward import Forwarder, make_agent
 from proxy.gateway import Gateway, GatewayFactory
 from proxy.health import HttpProbe
+from proxy.shutdown import DrainService, SequentialMultiService
 from proxy.sigv4 import sign_request
 
 __all__ = ["Options", "makeService"]
@@ -80,6 +88,20 @@ class _ConnectionPoolService(Service):
         return self._pool.closeCachedConnections()
 
 
+def _invalidation_bus(
+    redis_url: str, namespace: str, origin: str, reactor: Any
+) -> InvalidationBus:
+    # Sentinel and Cluster URLs need clients that redis-py's from_url cannot build.
+    if urlsplit(redis_url).scheme not in HA_SCHEMES:
+        return RedisInvalidationBus.from_url(redis_url, namespace, origin, reactor)
+    return RedisInvalidationBus(
+        lambda: open_pubsub_client(redis_url),
+        invalidation_channel(namespace),
+        origin,
+        reactor,
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     Build the service tree of one proxy process.
@@ -94,13 +116,17 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from collector import open_monitoring
 
     config = options.config
-    root = MultiService()
+    # Children stop one at a time, last added first: the S3 listener stops accepting, the
+    # drain waits for requests in flight, and the metrics flusher, added first, writes the
+    # last batch after them.
+    root = SequentialMultiService()
 
     monitoring = open_monitoring(
         redis_url=config.metrics.redis_url,
         namespace=config.metrics.namespace,
         flush_interval=config.metrics.flush_interval,
         reactor=reactor,
+        max_pending_series=config.metrics.max_pending_series,
     )
     monitoring.service.setServiceParent(root)
 
@@ -125,9 +151,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     bus: InvalidationBus = LocalInvalidationBus()
     if config.metrics.redis_url is not None:
         origin = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
-        bus = RedisInvalidationBus.from_url(
-            config.metrics.redis_url, config.metrics.namespace, origin, reactor
-        )
+        bus = _invalidation_bus(config.metrics.redis_url, config.metrics.namespace, origin, reactor)
     cache = ObjectCache(config.cache, monitoring.metrics, reactor, bus)
     cache.setServiceParent(root)
     gateway = Gateway(
@@ -139,6 +163,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         cache=cache,
     )
     gateway_factory: Any = GatewayFactory(gateway)
+    DrainService(gateway, config.server.shutdown_timeout, reactor).setServiceParent(root)
     strports.service(config.server.listen, gateway_factory).setServiceParent(root)
 
     if config.metrics.listen:
