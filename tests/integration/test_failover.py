@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import threading
 import time
 import urllib.error
@@ -27,7 +26,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.relay import Relay
-from tests.support.servers import MotoServer, TwistdProcess, free_port, twistd_env
+from tests.support.servers import (
+    MotoServer,
+    TwistdProcess,
+    free_port,
+    twistd_argv,
+    twistd_env,
+)
 from tests.support.sigv4_front import SigV4Front, start_front
 
 pytestmark = pytest.mark.integration
@@ -122,12 +127,6 @@ class Proxy:
         return "\nproxy log:\n" + "\n".join(self.process.log_text().splitlines()[-40:])
 
 
-def twistd_command(log_path: Path, *args: str) -> list[str]:
-    """Return the command line of ``twistd --nodaemon s3proxy ARGS``."""
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile", "", "--logfile", str(log_path), "s3proxy", *args]
-
-
 def write_config(path: Path, port: int, metrics_port: int, relays: dict[str, Relay],
                  routing: str, priorities: dict[str, int], cooldown: float) -> None:
     backends = "".join(
@@ -186,7 +185,7 @@ def start_proxy(s3_server: MotoServer, tmp_path: Path) -> Iterator[Callable[...,
                      priorities or {"primary": 0, "secondary": 1}, cooldown)
         log_path = tmp_path / "proxy.log"
         process = TwistdProcess(
-            twistd_command(log_path, "--config", str(config)),
+            twistd_argv("s3proxy", "--config", str(config), log_path=log_path),
             twistd_env(),
             ready_url=f"http://127.0.0.1:{metrics_port}/status",
             log_path=log_path,
