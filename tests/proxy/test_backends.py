@@ -119,7 +119,7 @@ def test_probing_failure_goes_down() -> None:
 
 
 def test_down_ignores_reports() -> None:
-    """Late answers of requests sent before DOWN do not end the cooldown early."""
+    """Late responses to requests sent before DOWN do not end the cooldown early."""
     h = make_manager()
     go_down(h, "a")
     h.succeed("a", times=5)
@@ -170,7 +170,7 @@ def test_check_error_recorded() -> None:
 
 
 def test_check_timeout_fails() -> None:
-    """A check that does not answer within the timeout is cancelled and counts as failed."""
+    """A check without a result within the timeout is cancelled and counts as failed."""
     h = make_manager(failures_to_down=1)
     h.probe.answers["a"] = "hang"
     h.clock.advance(0)
@@ -366,7 +366,7 @@ def test_pinned_unknown() -> None:
 
 
 def test_budget_exhaustion() -> None:
-    """Once failures have spent the budget, the plan holds one backend only."""
+    """Once failures have spent the budget, the plan contains one backend only."""
     h = make_manager(retry_budget=0.1)
     assert len(h.plan()) == 2
     for _ in range(10):
@@ -491,13 +491,13 @@ def test_status_no_secrets() -> None:
 
 
 def test_fake_probe_default() -> None:
-    """The fake probe answers healthy unless told otherwise (guards the other tests)."""
+    """The fake probe reports healthy by default (the other tests rely on it)."""
     probe = FakeProbe()
     assert probe(backend("a")).called
 
 
 def test_real_metrics_gauge() -> None:
-    """With collector's Metrics the gauge series of each backend holds its state value."""
+    """With collector's Metrics the gauge series of each backend contains its state value."""
     buffer = DeltaBuffer()
     h = make_manager()
     manager = BackendManager(

@@ -38,7 +38,7 @@ class FakeResponse:
 
 
 class FakeAgent:
-    """Records requests and answers each with one fixed response."""
+    """Records requests and returns one fixed response to each."""
 
     def __init__(self, code: int = 200, body: bytes = LIST_BUCKETS) -> None:
         self.code = code

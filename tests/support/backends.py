@@ -48,7 +48,7 @@ class FakeMetrics:
 
 
 class FakeProbe:
-    """A health check whose answer each test sets per backend.
+    """A health check whose result each test sets per backend.
 
     ``answers[backend_id]`` is ``"ok"`` (healthy), ``"fail"`` (HTTP 503), ``"raise"`` (the
     probe raises) or ``"hang"`` (a Deferred that never fires unless cancelled).
