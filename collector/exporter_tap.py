@@ -22,6 +22,7 @@ from twisted.web.server import Site
 
 from collector import thread_pool_runner
 from collector.collector import RedisCollector, default_gauge_ttl
+from collector.connection import metrics_url
 from collector.resource import MetricsResource, metrics_root
 from collector.store import RedisStore, open_redis, redact_url
 
@@ -41,7 +42,12 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML file of the proxies; its [metrics] table is read."],
         ["redis-url", "r", None, "Redis URL: redis://[user:password@]host:port/db, "
-         "rediss://... or unix:///path. Overrides metrics.redis_url."],
+         "rediss://..., unix:///path, redis+sentinel://host:port[,host:port]/service[/db] "
+         "or redis+cluster://host:port[,host:port]. Overrides the store keys of --config."],
+        ["sentinels", None, None, "Comma-separated host:port of the Redis Sentinels; needs "
+         "--sentinel-service. Overrides metrics.sentinels."],
+        ["sentinel-service", None, None, "Service name the Sentinels monitor, e.g. mymaster. "
+         "Overrides metrics.sentinel_service."],
         ["listen", "l", "tcp:9091", "Endpoint description to serve HTTP on."],
         ["namespace", "n", None, "Key namespace of the deployment (default s3proxy). "
          "Overrides metrics.namespace."],
@@ -51,16 +57,20 @@ class Options(usage.Options):
          "answers 503."],
     ]
 
+    optFlags = [
+        ["cluster", None, "The Redis URL names a node of a Redis Cluster. Overrides "
+         "metrics.cluster."],
+    ]
+
     def postOptions(self) -> None:
         metrics = _metrics_table(self["config"]) if self["config"] else {}
 
-        redis_url = self["redis-url"] or metrics.get("redis_url")
+        redis_url = _store_url(self, metrics)
         if not redis_url:
             raise usage.UsageError(
-                "no Redis URL given; pass --redis-url or set metrics.redis_url in --config"
+                "no Redis URL given; pass --redis-url or --sentinels, or set "
+                "metrics.redis_url or metrics.sentinels in --config"
             )
-        if not isinstance(redis_url, str):
-            raise usage.UsageError(f"metrics.redis_url {redis_url!r} is invalid; give a string")
         try:
             open_redis(redis_url)
         except ValueError as err:
@@ -78,6 +88,37 @@ class Options(usage.Options):
         else:
             self["gauge-ttl"] = _seconds(self["gauge-ttl"], "--gauge-ttl")
         self["scrape-timeout"] = _seconds(self["scrape-timeout"], "--scrape-timeout")
+
+
+def _store_url(options: Options, metrics: dict[str, Any]) -> str | None:
+    # Command-line options replace every store key of the file: --redis-url (with
+    # --cluster) or --sentinels with --sentinel-service.
+    try:
+        if options["redis-url"]:
+            return metrics_url(options["redis-url"], cluster=bool(options["cluster"]))
+        if options["sentinels"] or options["sentinel-service"]:
+            sentinels = [node for node in (options["sentinels"] or "").split(",") if node]
+            return metrics_url(None, sentinels, options["sentinel-service"])
+
+        redis_url = metrics.get("redis_url")
+        if redis_url is not None and not isinstance(redis_url, str):
+            raise usage.UsageError(f"metrics.redis_url {redis_url!r} is invalid; give a string")
+        sentinels = metrics.get("sentinels", [])
+        if not isinstance(sentinels, list) or not all(isinstance(n, str) for n in sentinels):
+            raise usage.UsageError(
+                f"metrics.sentinels {sentinels!r} is invalid; give a list of \"host:port\""
+            )
+        service = metrics.get("sentinel_service")
+        if service is not None and not isinstance(service, str):
+            raise usage.UsageError(
+                f"metrics.sentinel_service {service!r} is invalid; give a string"
+            )
+        cluster = metrics.get("cluster", False)
+        if not isinstance(cluster, bool):
+            raise usage.UsageError(f"metrics.cluster {cluster!r} is invalid; use true or false")
+        return metrics_url(redis_url, sentinels, service, cluster or bool(options["cluster"]))
+    except ValueError as err:
+        raise usage.UsageError(str(err)) from None
 
 
 def _metrics_table(path: str) -> dict[str, Any]:
