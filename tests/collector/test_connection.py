@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import redis
 
@@ -127,3 +129,34 @@ def test_metrics_url_conflicts(
     """Contradicting or incomplete [metrics] connection keys raise ValueError."""
     with pytest.raises(ValueError):
         metrics_url(redis_url, sentinels, service, cluster)
+
+
+def test_exporter_sentinel_options() -> None:
+    """--sentinels and --sentinel-service give the exporter a Sentinel URL."""
+    from collector.exporter_tap import Options
+
+    options = Options()
+    options.parseOptions(["--sentinels", "127.0.0.1:26379,127.0.0.1:26380",
+                          "--sentinel-service", "mymaster"])
+    assert options["redis-url"] == "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster"
+
+
+def test_exporter_cluster_config(tmp_path: Path) -> None:
+    """cluster = true in the config file gives the exporter a cluster URL."""
+    from collector.exporter_tap import Options
+
+    config = tmp_path / "proxy.toml"
+    config.write_text('[metrics]\nredis_url = "redis://127.0.0.1:7000"\ncluster = true\n')
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    assert options["redis-url"] == "redis+cluster://127.0.0.1:7000"
+
+
+def test_exporter_sentinel_without_service() -> None:
+    """--sentinels without --sentinel-service is a usage error."""
+    from twisted.python.usage import UsageError
+
+    from collector.exporter_tap import Options
+
+    with pytest.raises(UsageError):
+        Options().parseOptions(["--sentinels", "127.0.0.1:26379"])
