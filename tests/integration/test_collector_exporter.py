@@ -16,6 +16,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.collector import assert_primary
 from tests.support.collector_writer import expected_totals
 from tests.support.servers import (
     REPO_ROOT,
@@ -37,6 +38,7 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 @pytest.fixture
 def exporter(redis_server: RedisServer, tmp_path: Path) -> Iterator[str]:
     """A running exporter for ``redis_server``; yields its base URL."""
+    assert_primary(redis_server.client(), redis_server.port)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     process = TwistdProcess(

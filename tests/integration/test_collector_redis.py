@@ -20,6 +20,7 @@ from prometheus_client.utils import floatToGoString
 from collector.collector import RedisCollector
 from collector.definitions import DEFAULT_BUCKETS
 from collector.store import RedisStore
+from tests.support.collector import assert_primary
 from tests.support.collector_writer import OPERATIONS, expected_totals
 from tests.support.servers import REPO_ROOT, RedisServer
 
@@ -158,12 +159,8 @@ def _assert_exact(registry: CollectorRegistry, writers: int) -> None:
 
 @pytest.fixture(autouse=True)
 def primary(redis_server: RedisServer) -> None:
-    """Fail early when the Redis under test is a replica, e.g. from a rewritten redis.conf."""
-    role = redis_server.client().info("replication")["role"]
-    assert role == "master", (
-        f"redis-server on port {redis_server.port} runs as {role!r}; check that redis.conf "
-        "has no 'replicaof' line written by CONFIG REWRITE"
-    )
+    """Fail early when the Redis under test is a replica."""
+    assert_primary(redis_server.client(), redis_server.port)
 
 
 @pytest.fixture

@@ -26,6 +26,15 @@ def samples(registry: Any, name: str) -> list[tuple[dict[str, str], float]]:
     return found
 
 
+def assert_primary(client: Any, port: int) -> None:
+    """Fail when the Redis at ``port`` runs as a replica, e.g. from a rewritten redis.conf."""
+    role = client.info("replication")["role"]
+    assert role == "master", (
+        f"redis-server on port {port} runs as {role!r}; check that redis.conf has no "
+        "'replicaof' line written by CONFIG REWRITE"
+    )
+
+
 def sample_value(registry: Any, name: str, labels: dict[str, str] | None = None) -> float | None:
     """Return the value of sample ``name`` with exactly ``labels``, or None when absent."""
     for sample_labels, value in samples(registry, name):
