@@ -350,7 +350,7 @@ class StreamingBody:
     backend request so that the backend never receives a complete body. Backpressure: while
     the backend connection is not connected or its send buffer is full, L{write} buffers
     and calls C{pause_source} once more than C{high_water} bytes wait; C{resume_source} is
-    called when they have been written. The buffer thus holds at most C{high_water} plus
+    called when they have been written. The buffer thus contains at most C{high_water} plus
     what the client connection delivered before the pause took effect.
 
     @param length: the body length in bytes, or C{UNKNOWN_LENGTH} (sent chunked).

@@ -92,8 +92,8 @@ _CAPTURE_LIMIT = 64 * 1024
 
 class BackendPool(Protocol):
     """
-    Where requests go: the backend manager implements this, L{StaticBackendPool} is the
-    simplest implementation.
+    The routing of requests to backends. The backend manager implements it, and
+    L{StaticBackendPool} is the simplest implementation.
     """
 
     def plan(self, info: RequestInfo) -> list[BackendConfig]:
@@ -102,7 +102,7 @@ class BackendPool(Protocol):
 
         The gateway tries the next one only when the previous attempt failed before any byte
         reached the client and the request body can be sent again. An empty list makes the
-        gateway answer 503 C{ServiceUnavailable} with C{Retry-After}.
+        gateway respond with 503 C{ServiceUnavailable} with C{Retry-After}.
         """
         ...
 
@@ -264,7 +264,7 @@ class GatewayChannel(http.HTTPChannel):
     The HTTP/1.1 server protocol of the S3 listener.
 
     Differences from C{HTTPChannel}: headers over C{max_header_bytes} get 431, malformed
-    requests get an S3 XML 400, the request sees its headers before C{100 Continue} is sent,
+    requests get an S3 XML 400, the request receives its headers before C{100 Continue} is sent,
     and requests are counted even when they fail before the headers are complete.
     """
 
@@ -318,7 +318,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def reject(self, status: int, code: str, message: str) -> None:
         """
-        Answer a request that cannot be parsed with an S3 error and close the connection.
+        Respond to a request that cannot be parsed with an S3 error and close the connection.
 
         A request whose exchange has started is failed through it; otherwise the error is
         written directly and counted as operation C{other}.
@@ -576,7 +576,7 @@ class Exchange:
             )
 
     def body_complete(self) -> None:
-        """Check the end of the body, then forward the request or finish an early answer."""
+        """Check the end of the body, then forward the request or finish an early response."""
         self.body_done = True
         if self.response_sent or self.failed_request:
             self._finish_when_body_done()
@@ -729,7 +729,7 @@ class Exchange:
 
     def _may_retry(self, index: int) -> bool:
         """
-        Whether attempt C{index} may be followed by one on the next planned backend.
+        Return whether attempt C{index} may be followed by one on the next planned backend.
 
         True when another backend is planned, nothing was sent to the client, the client is
         still there, and the body is replayable (no body, or buffered completely).
@@ -746,7 +746,7 @@ class Exchange:
         self.gateway.record_attempt(backend.id, self.operation, "error")
         if self.completed or self.failed_request:
             # The client went away or its body failed verification, and the attempt was
-            # aborted for that reason: it says nothing about the backend.
+            # aborted for that reason, so its outcome is no evidence about the backend.
             self.gateway.pool.report(backend.id, "neutral", "request aborted by the proxy")
             return
 
@@ -775,7 +775,7 @@ class Exchange:
             self.gateway.record_attempt(backend.id, self.operation, str(status))
             self.gateway.pool.report(backend.id, "failure", f"HTTP {status}")
             self._log.warn(
-                "request {request_id}: backend {backend_id} answered {status}, retrying",
+                "request {request_id}: backend {backend_id} responded with {status}, retrying",
                 request_id=self.request_id,
                 backend_id=backend.id,
                 status=status,

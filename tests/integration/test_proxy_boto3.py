@@ -222,7 +222,7 @@ def test_presigned_get_and_put(
     """Presigned SigV4 PUT and GET URLs work with plain urllib."""
     bucket = bucket_name(request)
     s3.create_bucket(Bucket=bucket)
-    # botocore presigns with SigV2 unless told otherwise; the proxy accepts only SigV4.
+    # botocore presigns with SigV2 unless configured for SigV4, the proxy accepts only SigV4.
     signer = client_for(proxy, config=Config(signature_version="s3v4"))
     put_url = signer.generate_presigned_url(
         "put_object", Params={"Bucket": bucket, "Key": "pre signed+key"}, ExpiresIn=300

@@ -18,9 +18,9 @@ from tests.support.servers import REPO_ROOT, free_port, wait_for_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIZE = 512 * 1024 * 1024
-# Allowed growth of the proxy's peak resident memory while SIZE bytes pass each way: the
-# buffers are bounded by a few socket reads and the 256 KiB high-water mark, so growth of a
-# tenth of SIZE would mean that bodies are being held in memory.
+# Allowed growth of the proxy's peak resident memory while SIZE bytes pass each way. The
+# buffers are bounded by a few socket reads and the 256 KiB high-water mark, so a growth of
+# a tenth of SIZE means that bodies are held in memory.
 MAX_GROWTH = 48 * 1024 * 1024
 
 

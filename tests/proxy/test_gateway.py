@@ -1,7 +1,7 @@
 """Tests for proxy.gateway in memory: retries, failures, client aborts and metrics.
 
-The gateway runs on a StringTransport with a task.Clock; the forwarder is a fake that hands
-out Deferreds the test fires, so every step is driven by hand.
+The gateway runs on a StringTransport with a task.Clock. The forwarder is a fake that hands
+out Deferreds which the test fires, so every step is driven by hand.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def test_retry_after_connection_refused() -> None:
 
 
 def test_retry_after_503() -> None:
-    """A 503 from the first backend is retried; the client sees only the second answer."""
+    """A 503 from the first backend is retried; the client receives only the second response."""
     h = harness()
     h.send("HEAD", "/bucket/key")
     h.forwarder.sent[0][2].callback(FakeResponse(503, b"busy"))
@@ -309,7 +309,7 @@ def test_complete_upload_error_in_200() -> None:
 
 
 def test_auth_failure_counted_once() -> None:
-    """A request with a bad signature is answered 403, counted once, and never forwarded."""
+    """A request with a bad signature gets 403, is counted once, and never forwarded."""
     h = harness()
     h.channel.dataReceived(
         b"GET /bucket/key HTTP/1.1\r\nhost: x\r\nauthorization: AWS4-HMAC-SHA256 "
@@ -333,7 +333,7 @@ def test_latency_from_clock() -> None:
 
 
 def test_persistent_connection_serves_two() -> None:
-    """Two requests on one connection are both answered and counted."""
+    """Two requests on one connection both get responses and are counted."""
     h = harness(pool_kind="static")
     h.send("GET", "/bucket/a")
     h.forwarder.sent[0][2].callback(FakeResponse(200, b"first"))

@@ -1,7 +1,7 @@
 """
 A loopback S3 stand-in for streaming tests: it drops upload bodies and streams large downloads.
 
-Run as C{python -m tests.support.proxy_stream_backend PORT SIZE}. Every PUT is answered 200
+Run as C{python -m tests.support.proxy_stream_backend PORT SIZE}. Every PUT gets 200
 after its body was read and dropped, C{GET /bucket/big} streams SIZE bytes with backpressure,
 and any other GET gets a short XML body (health checks land there). It never checks
 signatures, so it only serves tests of memory use, not of signing.
