@@ -270,7 +270,13 @@ for i = 5, #ARGV, 4 do
     failed = failed + 1
   end
 end
-redis.call('HSET', KEYS[1], writer, ARGV[2])
+if retire then
+  -- A retiring writer sends nothing after this batch, so its sequence record is done.
+  redis.call('HDEL', KEYS[1], writer)
+  redis.call('ZREM', KEYS[2], writer)
+else
+  redis.call('HSET', KEYS[1], writer, ARGV[2])
+end
 return {1, failed, redis.call('EXISTS', KEYS[4])}
 """
 
@@ -535,7 +541,12 @@ class EmbeddedStore:
                         family.pop(series_field, None)
                 except ValueError:
                     failed += 1
-            self._sequences[batch.writer] = batch.sequence
+            if batch.retire:
+                # A retiring writer sends nothing after this batch.
+                self._sequences.pop(batch.writer, None)
+                self._sequence_seen.pop(batch.writer, None)
+            else:
+                self._sequences[batch.writer] = batch.sequence
             return ApplyResult(True, failed, not self._schemas)
 
     def read(self, names: Sequence[str]) -> Snapshot:
