@@ -341,6 +341,7 @@ class GatewayChannel(http.HTTPChannel):
             b"Content-Length: %d\r\n" % len(body),
             b"Connection: close\r\n",
             b"x-amz-request-id: " + request_id.encode("ascii") + b"\r\n",
+            b"x-amz-id-2: " + _host_id(request_id) + b"\r\n",
             b"\r\n",
         ]
         transport: Any = self.transport
@@ -963,8 +964,7 @@ class Exchange:
     def _set_request_id_headers(self) -> None:
         headers = self.request.responseHeaders
         headers.setRawHeaders(b"x-amz-request-id", [self.request_id.encode("ascii")])
-        id_2 = base64.b64encode(self.request_id.encode("ascii") * 2)
-        headers.setRawHeaders(b"x-amz-id-2", [id_2])
+        headers.setRawHeaders(b"x-amz-id-2", [_host_id(self.request_id)])
 
     def _prepare_early_close(self) -> None:
         # The rest of the request body will not be used, so the connection cannot carry
@@ -1065,6 +1065,11 @@ class Exchange:
                 self._close_client()
             else:
                 self.fail(S3Error("InternalError", "the proxy failed; retry the request", 500))
+
+
+def _host_id(request_id: str) -> bytes:
+    # S3 sends an opaque extended request id in x-amz-id-2; clients only log it.
+    return base64.b64encode(request_id.encode("ascii") * 2)
 
 
 def _entity_too_large(size: int, limit: int) -> S3Error:

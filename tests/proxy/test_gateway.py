@@ -352,7 +352,20 @@ def test_unsupported_method(request_line: bytes, status: int) -> None:
     h = harness()
     h.channel.dataReceived(request_line + b"\r\nhost: x\r\n\r\n")
     assert h.output().startswith(b"HTTP/1.1 %d " % status)
+    assert b"X-Amz-Request-Id: REQUESTID\r\n" in h.output()
     assert h.requests() == Counter({("other", str(status)): 1})
+
+
+def test_oversized_headers_431() -> None:
+    """Headers over max_header_bytes get 431 with request ids, counted as other."""
+    h = harness(max_header_bytes=1024)
+    h.channel.dataReceived(b"GET / HTTP/1.1\r\n" + b"x-filler: " + b"a" * 600 + b"\r\n" * 1)
+    h.channel.dataReceived(b"x-more: " + b"b" * 600 + b"\r\n\r\n")
+    assert h.output().startswith(b"HTTP/1.1 431 ")
+    assert b"x-amz-request-id: REQUESTID\r\n" in h.output()
+    assert b"x-amz-id-2: " in h.output()
+    assert h.requests() == Counter({("other", "431"): 1})
+    assert h.transport.disconnecting
 
 
 def test_virtual_host_forwarded_path_style() -> None:
