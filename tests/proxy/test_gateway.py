@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from proxy.config import BackendConfig, Config, parse_config
@@ -410,3 +410,38 @@ def test_access_log_json() -> None:
     assert record["status"] == 200
     assert record["request_id"] == "REQUESTID"
     assert SECRET_KEY not in lines[0]
+
+
+class OpenResponse(FakeResponse):
+    """A backend response whose body stays open until the test ends it."""
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.transport = StringTransport()
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(b"partial")
+
+
+def test_client_abort_mid_download_stops_backend() -> None:
+    """A client leaving during the body stops the backend connection and counts 499."""
+    h = harness(pool_kind="static")
+    h.send("GET", "/bucket/key")
+    response = OpenResponse(200, b"x" * 100)
+    h.forwarder.sent[0][2].callback(response)
+    assert h.output().endswith(b"partial")
+    h.channel.connectionLost(Failure(net_error.ConnectionLost()))
+    assert response.transport.producerState == "stopped"
+    assert h.requests() == Counter({("get_object", "499"): 1})
+
+
+def test_backend_cut_off_closes_client() -> None:
+    """A backend body cut off after the headers closes the client connection."""
+    h = harness()
+    h.send("GET", "/bucket/key")
+    response = OpenResponse(200, b"x" * 100)
+    h.forwarder.sent[0][2].callback(response)
+    response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionResetError())])))
+    assert h.transport.disconnecting
+    h.channel.connectionLost(Failure(net_error.ConnectionDone()))
+    assert h.requests() == Counter({("get_object", "200"): 1})
+    assert h.pool.reports == [("one", "failure")]
