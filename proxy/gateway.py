@@ -425,6 +425,7 @@ class Exchange:
         self.completed = False
         self.failed_request = False
         self.backend_id: str | None = None
+        self.backend_request_id: str | None = None
         self.pinned_backend: str | None = None
         self.rewrite_buffer: list[bytes] | None = None
         self.forward_target = b""
@@ -827,6 +828,10 @@ class Exchange:
 
         request = self.request
         fill = self.cache_fill
+        # The client gets the proxy's request id; the backend's goes to the access log.
+        backend_ids = response.headers.getRawHeaders(b"x-amz-request-id") or [None]
+        if backend_ids[0] is not None:
+            self.backend_request_id = backend_ids[0].decode("latin-1")
         request.setResponseCode(status, response.phrase or None)
         for name, values in response_headers(response, self.method):
             request.responseHeaders.setRawHeaders(name, values)
@@ -1043,6 +1048,7 @@ class Exchange:
             "access_key": self.auth.access_key if self.auth is not None else None,
             "seconds": round(elapsed, 6),
             "bytes_sent": getattr(self.request, "sentLength", 0),
+            "backend_request_id": self.backend_request_id,
         }
         if self.gateway.config.server.access_log_json:
             self._log.info("{access_json}", access_json=json.dumps(fields), **fields)

@@ -400,7 +400,9 @@ def test_access_log_json() -> None:
     try:
         h = harness(pool_kind="static", access_log_json=True)
         h.send("GET", "/bucket/key")
-        h.forwarder.sent[0][2].callback(FakeResponse(200, b"x"))
+        h.forwarder.sent[0][2].callback(
+            FakeResponse(200, b"x", headers={b"x-amz-request-id": b"BACKEND1"})
+        )
     finally:
         globalLogPublisher.removeObserver(events.append)
     lines = [e["access_json"] for e in events if "access_json" in e]
@@ -409,6 +411,7 @@ def test_access_log_json() -> None:
     assert record["operation"] == "get_object"
     assert record["status"] == 200
     assert record["request_id"] == "REQUESTID"
+    assert record["backend_request_id"] == "BACKEND1"
     assert SECRET_KEY not in lines[0]
 
 
