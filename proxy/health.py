@@ -21,9 +21,11 @@ from xml.etree import ElementTree
 
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import readBody
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -208,6 +210,66 @@ class HealthChecker:
         self._next(backend_id)
 
 
+# Large enough for the ListBuckets answer of about 20,000 buckets. A backend with more should
+# be checked with health_bucket or health_path, which need no body.
+MAX_HEALTH_BODY_BYTES = 4 * 1024**2
+
+
+class _BoundedBody(TwistedProtocol):
+    """Collect a response body of at most ``limit`` bytes and fire ``finished`` once."""
+
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+        self.finished = finished
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.finished.errback(
+                HealthCheckError(f"response body is larger than {self.limit} bytes")
+            )
+            self.abort()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # After a cancel (the check timed out) or an oversized body, finished has fired already.
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone):
+            self.finished.callback(b"".join(self.parts))
+        else:
+            self.finished.errback(reason)
+
+    def abort(self) -> None:
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+
+
+def read_bounded_body(response: IResponse, limit: int = MAX_HEALTH_BODY_BYTES) -> Deferred[bytes]:
+    """Read the body of ``response``, failing with HealthCheckError past ``limit`` bytes.
+
+    Unlike ``twisted.web.client.readBody``, a cancelled read fires its Deferred only once:
+    the canceller aborts the connection, and the connectionLost that follows is ignored.
+    """
+    protocol: _BoundedBody | None = None
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if protocol is not None:
+            protocol.abort()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    protocol = _BoundedBody(finished, limit)
+    # zope interfaces declare methods without self, which mypy cannot call through.
+    cast(Any, response).deliverBody(protocol)
+    return finished
+
+
 def _settled(d: Deferred[None]) -> Deferred[None]:
     """Return a Deferred that fires with None when ``d`` fires, whatever its result."""
     settled: Deferred[None] = Deferred()
@@ -261,7 +323,7 @@ class HttpProbe:
 
     def _read(self, response: IResponse, list_buckets: bool) -> Deferred[None]:
         # The body is always read, so the connection goes back to the pool.
-        body: Deferred[bytes] = readBody(response)
+        body = read_bounded_body(response)
         return body.addCallback(self._judge, response.code, list_buckets)
 
     @staticmethod

@@ -6,13 +6,14 @@ import dataclasses
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from proxy.health import HealthCheckError, HttpProbe, jittered_interval
+from proxy.health import HealthCheckError, HttpProbe, jittered_interval, read_bounded_body
 from tests.support.backends import backend
 
 LIST_BUCKETS = (
@@ -147,3 +148,59 @@ def test_jittered_interval(draw: float, expected: float) -> None:
 def test_no_jitter() -> None:
     """Without jitter the delay is the interval whatever the random draw."""
     assert jittered_interval(10.0, 0.0, lambda: 0.9) == 10.0
+
+
+class StreamingResponse:
+    """An IResponse whose body the test delivers chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.code = 200
+        self.phrase = b"OK"
+        self.headers = Headers()
+        self.protocol: Any = None
+        self.aborted = 0
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def abortConnection(self) -> None:
+        # Like a real transport, the loss follows later; the test delivers it.
+        self.aborted += 1
+
+
+def test_body_over_limit_fails() -> None:
+    """A health check body larger than the limit fails the check and aborts the connection."""
+    response = StreamingResponse()
+    finished = read_bounded_body(response, limit=10)
+    response.protocol.dataReceived(b"x" * 8)
+    response.protocol.dataReceived(b"x" * 8)
+    failure = outcome(finished)
+    assert failure is not None
+    assert failure.check(HealthCheckError)
+    assert response.aborted == 1
+
+
+def test_cancelled_read_fires_once() -> None:
+    """Cancelling a body read (a timed-out check) fires once, and the abort's loss is ignored."""
+    response = StreamingResponse()
+    finished = read_bounded_body(response, limit=100)
+    response.protocol.dataReceived(b"partial")
+    finished.cancel()
+    response.protocol.connectionLost(Failure(ConnectionDone()))
+    failure = outcome(finished)
+    assert failure is not None
+    assert failure.check(CancelledError)
+    assert response.aborted == 1
+
+
+def test_body_within_limit_read() -> None:
+    """A body within the limit arrives whole."""
+    response = StreamingResponse()
+    finished = read_bounded_body(response, limit=100)
+    response.protocol.dataReceived(b"abc")
+    response.protocol.dataReceived(b"def")
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    results: list[Any] = []
+    finished.addCallback(results.append)
+    assert results == [b"abcdef"]
