@@ -41,6 +41,19 @@ METHOD = (
 )
 
 
+# Where a flush's time goes; measured once, not by every run.
+PROFILE = (
+    "Where the time goes: py-spy (200 Hz) on repeated flushes of 10,000 series, source"
+    " 1a596ef. 80 % of the samples are in `RedisStore.apply` on the client: redis-py's"
+    " pure-Python command packing 36 % and `json.dumps` of every series field in"
+    " `batch_operations` 30 %; Redis itself is a small part. The flusher runs this in a"
+    " thread, but it holds the GIL, so up to about 17 µs per dirty series per flush is taken"
+    " from the reactor. Caching each series' encoded field in the buffer (the label"
+    " values of a series never change) and the optional `hiredis` package, whose packer"
+    " redis-py uses when installed, would remove most of it."
+)
+
+
 def _fill(metrics: Metrics, series: int) -> None:
     counters = series // 2
     for index in range(counters):
@@ -125,6 +138,7 @@ def _measure_size(
 def run(context: Context) -> Benchmark:
     """Time flushes of each size and add wall time and Redis CPU rows per size."""
     benchmark = Benchmark("flush", "Flush cost", METHOD)
+    benchmark.notes.append(PROFILE)
     flushes = 5 if context.quick else 15
     with Processes(context.directory / "flush") as processes:
         _, client = processes.redis(context.redis_conf)

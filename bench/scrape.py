@@ -54,6 +54,20 @@ METHOD = (
 )
 
 
+# Where a scrape's time goes; measured once, not by every run.
+PROFILE = (
+    "Where the time goes: py-spy (200 Hz) on `generate_latest` over `RedisCollector` at"
+    " 10,000 samples, source 1a596ef. prometheus_client's text formatting takes 42 % of"
+    " the samples (`sample_line`, label name validation 8 %, escaping 10 %), which the"
+    " in-process anchor pays too. The rest is this project's collection: reading Redis"
+    " 16 %, almost all of it redis-py's pure-Python RESP parser (the optional `hiredis`"
+    " parser would replace it), and building families 34 %: `json.loads` of every field"
+    " 5 %, label checks 8 %, `add_metric` 10 %. Caching the decoded labels of each"
+    " field between scrapes, or rendering the text format straight from the Redis"
+    " snapshot instead of building `Metric` objects, would remove most of it."
+)
+
+
 class _WallClock:
     """The clock the collector reads: the real time."""
 
@@ -134,6 +148,7 @@ def _fastest(function: Any, repeats: int) -> float:
 def run(context: Context) -> Benchmark:
     """Scrape each size over HTTP and in-process and add rows against both anchors."""
     benchmark = Benchmark("scrape", "Scrape cost", METHOD)
+    benchmark.notes.append(PROFILE)
     directory = context.directory / "scrape"
     sizes = (1_000, 10_000) if context.quick else (1_000, 10_000, 50_000)
     with Processes(directory) as processes:
