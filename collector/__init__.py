@@ -67,6 +67,7 @@ def open_monitoring(
     *,
     gauge_ttl: float | None = None,
     max_pending_series: int | None = 100_000,
+    wait_replicas: int = 0,
     scrape_timeout: float = 10.0,
     writer_id: str | None = None,
     run_in_thread: RunInThread | None = None,
@@ -87,6 +88,8 @@ def open_monitoring(
         e.g. while Redis cannot be reached; deltas of further new series are added to
         their family's overflow series (label values ``_overflow``) and counted in
         ``s3proxy_metrics_overflow_total``. None for no cap.
+    :param wait_replicas: replicas that must acknowledge each batch before the flusher
+        drops it (Redis ``WAIT``); 0 trusts the primary's reply. See :class:`RedisStore`.
     :param scrape_timeout: seconds a ``/metrics`` collection may take before a 503.
     :param writer_id: this process's id; default host name, pid and a random boot id.
     :param run_in_thread: runs blocking store calls; default the reactor's thread pool.
@@ -104,7 +107,8 @@ def open_monitoring(
         store = (
             EmbeddedStore()
             if redis_url is None
-            else RedisStore(open_redis(redis_url), namespace=namespace)
+            else RedisStore(open_redis(redis_url), namespace=namespace,
+                            wait_replicas=wait_replicas)
         )
     if writer_id is None:
         writer_id = make_writer_id()

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from collector.buffer import Batch
-from collector.connection import HA_SCHEMES, open_ha_client
+from collector.connection import HA_SCHEMES, LazyCluster, open_ha_client
 from collector.definitions import MetricDefinition
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "EmbeddedStore",
     "MetricStore",
     "RedisStore",
+    "ReplicationError",
     "SchemaConflictError",
     "Snapshot",
     "batch_operations",
@@ -60,6 +61,10 @@ __all__ = [
 # that cannot reach Redis for longer than this and then resends a batch whose reply was
 # lost would have that batch applied twice.
 SEQUENCE_RETENTION = 7 * 24 * 3600.0
+
+
+class ReplicationError(redis.RedisError):
+    """A batch was applied on the primary but fewer replicas than required confirmed it."""
 
 
 class SchemaConflictError(ValueError):
@@ -351,11 +356,34 @@ class RedisStore:
         :class:`~collector.connection.LazyCluster`); its calls block, so every method runs
         in a thread.
     :param namespace: the deployment name used as hash tag; default ``s3proxy``.
-    :raises ValueError: for an invalid namespace.
+    :param wait_replicas: when > 0, :meth:`apply` counts a batch as written only after
+        this many replicas acknowledged it (Redis ``WAIT``), so that a failover cannot
+        lose a batch that the writer already dropped. Default 0: the primary's reply is
+        enough.
+    :param wait_timeout: seconds ``WAIT`` waits for the replicas; default 1.
+    :raises ValueError: for an invalid namespace or wait settings, or ``wait_replicas``
+        with a cluster client.
     """
 
-    def __init__(self, client: Any, namespace: str = "s3proxy") -> None:
+    def __init__(
+        self,
+        client: Any,
+        namespace: str = "s3proxy",
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+    ) -> None:
         _check_namespace(namespace)
+        if wait_replicas < 0 or not wait_timeout > 0:
+            raise ValueError(
+                f"wait_replicas {wait_replicas!r} or wait_timeout {wait_timeout!r} is "
+                "invalid; give replicas >= 0 and a timeout > 0 seconds"
+            )
+        if wait_replicas and isinstance(client, LazyCluster):
+            raise ValueError(
+                "wait_replicas is not supported with Redis Cluster; set it to 0"
+            )
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         self.client = client
         self.namespace = namespace
         prefix = "{" + namespace + "}:"
@@ -411,7 +439,23 @@ class RedisStore:
                 keys.append(self.family_key(name))
                 index = key_index[name] = len(keys)
             args += [operation, index, series_field, value]
-        applied, failed, metadata_exists = self._apply_script(keys=keys, args=args)
+        if not self.wait_replicas:
+            applied, failed, metadata_exists = self._apply_script(keys=keys, args=args)
+            return ApplyResult(bool(applied), int(failed), not metadata_exists)
+
+        # WAIT covers the writes of its own connection only, so the script and WAIT go
+        # through one pipeline. A resend that the script skips still writes the
+        # heartbeat, so its WAIT also covers the first, unacknowledged attempt.
+        with self.client.pipeline(transaction=False) as pipe:
+            self._apply_script(keys=keys, args=args, client=pipe)
+            pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
+            (applied, failed, metadata_exists), acknowledged = pipe.execute()
+        if acknowledged < self.wait_replicas:
+            raise ReplicationError(
+                f"batch {batch.sequence} of writer {batch.writer!r} reached "
+                f"{acknowledged} of {self.wait_replicas} replicas within "
+                f"{self.wait_timeout} s; keeping it to resend"
+            )
         return ApplyResult(bool(applied), int(failed), not metadata_exists)
 
     def read(self, names: Sequence[str]) -> Snapshot:

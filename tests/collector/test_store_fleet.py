@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import fakeredis
+import pytest
 
 from collector.buffer import Batch, DeltaBuffer
 from collector.metrics import Metrics
-from collector.store import RedisStore
+from collector.store import RedisStore, open_redis
 
 
 def _batch(sequence: int, writer: str, retire: bool = False) -> Batch:
@@ -42,3 +43,9 @@ def test_restarts_do_not_grow_keys() -> None:
     assert client.hlen(store.family_key("s3proxy_backend_state")) == 0
     assert float(client.hget(store.family_key("s3proxy_requests_total"),
                              '["get_object","200"]')) == 40.0
+
+
+def test_wait_replicas_cluster_rejected() -> None:
+    """wait_replicas cannot be combined with a cluster client."""
+    with pytest.raises(ValueError):
+        RedisStore(open_redis("redis+cluster://127.0.0.1:1"), wait_replicas=1)
