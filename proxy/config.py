@@ -92,7 +92,9 @@ class MetricsConfig:
     C{redis+sentinel://} URL, and C{cluster} turns a C{redis://} URL into C{redis+cluster://}.
     C{max_pending_series} caps the counter and histogram series a process keeps while Redis
     cannot be reached; deltas of further new series are merged into one overflow series per
-    family and counted in C{s3proxy_metrics_overflow_total}.
+    family and counted in C{s3proxy_metrics_overflow_total}. C{wait_replicas} > 0 makes every
+    batch count as written only once that many replicas acknowledged it (Redis C{WAIT}), so
+    that a Sentinel failover cannot lose it; it is not supported with C{cluster}.
     """
 
     listen: str = "tcp:9091"
@@ -103,6 +105,7 @@ class MetricsConfig:
     sentinel_service: str | None = None
     cluster: bool = False
     max_pending_series: int = 100000
+    wait_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -327,7 +330,18 @@ def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
         max_pending_series=_int(
             table, "metrics", "max_pending_series", defaults.max_pending_series, 1
         ),
+        wait_replicas=_wait_replicas(table, store_url),
     )
+
+
+def _wait_replicas(table: Mapping[str, Any], store_url: str | None) -> int:
+    replicas = _int(table, "metrics", "wait_replicas", MetricsConfig.wait_replicas, 0)
+    if replicas and store_url is not None and store_url.startswith("redis+cluster://"):
+        raise ConfigError(
+            f"metrics.wait_replicas {replicas!r} is not supported with Redis Cluster;"
+            " set it to 0 or remove it"
+        )
+    return replicas
 
 
 def _parse_users(tables: list[Mapping[str, Any]], env: Mapping[str, str]) -> tuple[UserConfig, ...]:

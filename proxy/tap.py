@@ -127,6 +127,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         flush_interval=config.metrics.flush_interval,
         reactor=reactor,
         max_pending_series=config.metrics.max_pending_series,
+        wait_replicas=config.metrics.wait_replicas,
     )
     monitoring.service.setServiceParent(root)
 

@@ -27,6 +27,7 @@ def test_defaults() -> None:
     assert config.metrics.max_pending_series == 100000
     assert config.metrics.sentinels == ()
     assert config.metrics.cluster is False
+    assert config.metrics.wait_replicas == 0
 
 
 def test_sentinel_keys_url() -> None:
@@ -83,3 +84,24 @@ def test_password_not_in_message() -> None:
     with pytest.raises(ConfigError) as caught:
         _parse(metrics={"redis_url": "redis+sentinel://u:hunter2@h1:26379"})
     assert "hunter2" not in str(caught.value)
+
+
+def test_wait_replicas() -> None:
+    """wait_replicas is read as an integer >= 0."""
+    config = _parse(metrics={"redis_url": "redis+sentinel://h:26379/m", "wait_replicas": 1})
+    assert config.metrics.wait_replicas == 1
+
+
+@pytest.mark.parametrize("value", [-1, 1.0, "1"])
+def test_wait_replicas_invalid(value: object) -> None:
+    """A negative or non-integer wait_replicas is rejected."""
+    with pytest.raises(ConfigError) as caught:
+        _parse(metrics={"wait_replicas": value})
+    assert "metrics.wait_replicas" in str(caught.value)
+
+
+def test_wait_replicas_cluster() -> None:
+    """wait_replicas with a cluster is rejected."""
+    with pytest.raises(ConfigError) as caught:
+        _parse(metrics={"redis_url": "redis+cluster://h:7000", "wait_replicas": 1})
+    assert "metrics.wait_replicas" in str(caught.value)
