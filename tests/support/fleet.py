@@ -9,6 +9,7 @@ time, for requests that are in flight when a proxy stops.
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -127,6 +128,7 @@ class Fleet:
 
     :param proxy_options: further keyword arguments of :class:`ProxyProcess`.
     :param exporter_args: further command-line arguments of the exporter.
+    :param metrics: further ``[metrics]`` keys of every proxy's configuration file.
     """
 
     def __init__(
@@ -136,8 +138,10 @@ class Fleet:
         backend_endpoint: str,
         count: int = 3,
         exporter_args: tuple[str, ...] = (),
+        metrics: dict[str, object] | None = None,
         **proxy_options: Any,
     ) -> None:
+        self.metrics = metrics or {}
         self.tmp_path = Path(tmp_path)
         self.redis_url = redis_url
         self.backend_endpoint = backend_endpoint
@@ -149,9 +153,15 @@ class Fleet:
     def _new_proxy(self) -> ProxyProcess:
         self._started = getattr(self, "_started", 0) + 1
         directory = self.tmp_path / f"proxy-{self._started}"
-        return ProxyProcess(
+        proxy = ProxyProcess(
             directory, self.backend_endpoint, redis_url=self.redis_url, **self.proxy_options
         )
+        if self.metrics:
+            # TOML values of these types are written like JSON.
+            lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in self.metrics.items())
+            text = proxy.config_path.read_text().replace("[metrics]\n", "[metrics]\n" + lines, 1)
+            proxy.config_path.write_text(text)
+        return proxy
 
     def start(self) -> Fleet:
         self.exporter.start()
