@@ -41,7 +41,7 @@ METHOD = (
 )
 
 
-# Where a flush's time goes; measured once, not by every run.
+# A profile of one flush, measured once and not by every run.
 PROFILE = (
     "Where the time goes: py-spy (200 Hz) on repeated flushes of 10,000 series, source"
     " 1a596ef. 80 % of the samples are in `RedisStore.apply` on the client: redis-py's"

@@ -66,7 +66,7 @@ METHOD = (
 )
 
 
-# Where a proxy's CPU goes; measured once, not by every run.
+# A profile of the proxy's CPU time, measured once and not by every run.
 PROFILE = (
     "Where the time goes: py-spy (200 Hz, all threads) on the metrics-on proxy under the"
     " GET 1 KiB load at 16 connections, source 1a596ef. Twisted's HTTP server, client"
@@ -82,7 +82,13 @@ PROFILE = (
     " backend pool churned more in one process than in the other, which made metrics on"
     " look 10 % more expensive. Throughput per process is therefore bound by Twisted's"
     " per-request work; it grows by running more processes behind a load balancer, which"
-    " this 2-core machine, shared with wrk and nginx, cannot show."
+    " this 2-core machine, shared with wrk and nginx, cannot show. A PUT costs about"
+    " 2.5 times the CPU of a GET of the same size: a profile of PUT 1 KiB, source"
+    " 93b4cf1, shows every write publishing a cache invalidation, at its start and at its"
+    " end, with a blocking redis-py `PUBLISH` in the reactor's thread pool"
+    " (`RedisInvalidationBus.publish`, 15 to 26 % of all samples), also with the cache"
+    " off. The thread hand-offs make the CPU per PUT vary by about 15 % from run to run,"
+    " more than the 2 % target, so the PUT on/off rows cannot resolve the metrics cost."
 )
 
 
@@ -172,7 +178,7 @@ class _Loader:
 
     def __init__(self, context: Context, directory_name: str) -> None:
         self.context = context
-        self.seconds = context.seconds(full=5.0, quick=1.0)
+        self.seconds = context.seconds(full=4.0, quick=1.0)
         self.directory = context.directory / directory_name
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -197,7 +203,7 @@ def run(context: Context) -> Benchmark:
     benchmark = Benchmark("proxy", "Proxy throughput and latency", METHOD)
     benchmark.notes.append(PROFILE)
     loader = _Loader(context, "wrk")
-    repeats = 1 if context.quick else 3
+    repeats = 1 if context.quick else 5
     with Processes(context.directory / "proxy") as processes:
         servers = _start(context, processes)
         for workload in WORKLOADS:
@@ -237,6 +243,11 @@ def _spread(measurements: list[Measurement]) -> str:
     return f"{min(rates):,.0f}-{max(rates):,.0f}"
 
 
+def _cpu_spread(measurements: list[Measurement]) -> str:
+    cpu = [measurement.cpu_per_request * 1e6 for measurement in measurements]
+    return f"{min(cpu):,.0f}-{max(cpu):,.0f}"
+
+
 def _measure_workload(
     context: Context, benchmark: Benchmark, loader: _Loader, servers: Servers,
     workload: Workload, repeats: int,
@@ -271,7 +282,8 @@ def _measure_workload(
     ))
     context.add(benchmark, Row(
         f"{workload.name}: proxy CPU per request, metrics on", _median_cpu(on),
-        "metrics off", _median_cpu(off), "µs", CPU_TARGET, note=note,
+        "metrics off", _median_cpu(off), "µs", CPU_TARGET,
+        note=f"{note}; µs of {repeats} runs: on {_cpu_spread(on)}, off {_cpu_spread(off)}",
     ))
     context.add(benchmark, Row(
         f"{workload.name}: p50 latency at {CONNECTIONS} connections, metrics on",

@@ -54,7 +54,7 @@ METHOD = (
 )
 
 
-# Where a scrape's time goes; measured once, not by every run.
+# A profile of one scrape, measured once and not by every run.
 PROFILE = (
     "Where the time goes: py-spy (200 Hz) on `generate_latest` over `RedisCollector` at"
     " 10,000 samples, source 1a596ef. prometheus_client's text formatting takes 42 % of"
