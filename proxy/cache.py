@@ -34,7 +34,7 @@ from twisted.web.http_headers import Headers
 
 from proxy.cache_invalidation import InvalidationBus, LocalInvalidationBus
 from proxy.errors import render_error
-from proxy.sigv4 import RequestAuth
+from proxy.sigv4 import PRESIGN_QUERY_PARAMETERS, RequestAuth
 
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",
@@ -55,20 +55,9 @@ __all__ = [
 ENTRY_OVERHEAD_BYTES = 512
 """Bytes charged per entry on top of its body, header and key bytes (dict slots, objects)."""
 
-# Query parameters that do not change the response: the version (part of the cache key), the
-# operation hint newer SDKs append, and the presigned-URL signature parameters.
-_NEUTRAL_QUERY = frozenset(
-    {
-        "x-id",
-        "X-Amz-Algorithm",
-        "X-Amz-Credential",
-        "X-Amz-Date",
-        "X-Amz-Expires",
-        "X-Amz-SignedHeaders",
-        "X-Amz-Signature",
-        "X-Amz-Security-Token",
-    }
-)
+# Query parameters that do not change the response: the operation hint newer SDKs append, and
+# the presigned-URL signature parameters.
+_NEUTRAL_QUERY = PRESIGN_QUERY_PARAMETERS | {"x-id"}
 
 # Request headers whose effect the cache cannot reproduce: SSE-C keys, requester-pays billing,
 # the bucket-owner check, If-Range, and CORS (the response varies by Origin).
