@@ -205,6 +205,13 @@ APPLICATION_METRICS: tuple[MetricDefinition, ...] = (
         ("backend_id", "operation", "code"),
     ),
     MetricDefinition(
+        "s3proxy_backend_info",
+        "gauge",
+        "1 for every backend in each proxy's configuration, with its priority (lower is "
+        "preferred).",
+        ("backend_id", "priority"),
+    ),
+    MetricDefinition(
         "s3proxy_cache_hits_total",
         "counter",
         "GET requests answered from the object cache.",

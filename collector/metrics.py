@@ -282,6 +282,7 @@ class Metrics:
     request_latency_seconds: Histogram
     backend_state: Gauge
     backend_requests_total: Counter
+    backend_info: Gauge
     cache_hits_total: Counter
     cache_misses_total: Counter
     cache_bytes: Gauge
@@ -312,6 +313,7 @@ class Metrics:
         self.request_latency_seconds = self._get("s3proxy_request_latency_seconds", Histogram)
         self.backend_state = self._get("s3proxy_backend_state", Gauge)
         self.backend_requests_total = self._get("s3proxy_backend_requests_total", Counter)
+        self.backend_info = self._get("s3proxy_backend_info", Gauge)
         self.cache_hits_total = self._get("s3proxy_cache_hits_total", Counter)
         self.cache_misses_total = self._get("s3proxy_cache_misses_total", Counter)
         self.cache_bytes = self._get("s3proxy_cache_bytes", Gauge)
