@@ -221,8 +221,15 @@ class BackendManager(Service):
     # Service
 
     def startService(self) -> None:
-        """Start the health checks; the first check of every backend runs at once."""
+        """
+        Start the health checks; the first check of every backend runs at once.
+
+        Also sets ``backend_info`` to 1 for every configured backend, with its priority.
+        """
         super().startService()
+        for backend in self._backends.values():
+            priority = str(backend.config.priority)
+            self._metrics.backend_info.labels(backend.config.id, priority).set(1)
         for backend in self._backends.values():
             if backend.state is BackendState.DOWN and backend.cooldown_call is None:
                 self._schedule_cooldown(backend)

@@ -40,11 +40,31 @@ class FakeGauge:
         return [value for label, value in self.history if label == backend_id]
 
 
+class FakeInfoGauge:
+    """Records the label values of every ``set`` of ``backend_info``."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def labels(self, *values: str) -> FakeInfoChild:
+        return FakeInfoChild(self, values)
+
+
+class FakeInfoChild:
+    def __init__(self, gauge: FakeInfoGauge, values: tuple[str, ...]) -> None:
+        self._gauge = gauge
+        self._values = values
+
+    def set(self, value: float) -> None:
+        self._gauge.values[self._values] = value
+
+
 class FakeMetrics:
-    """The ``backend_state`` gauge of ``collector.Metrics``, recorded in memory."""
+    """The ``backend_state`` and ``backend_info`` gauges of ``collector.Metrics``, in memory."""
 
     def __init__(self) -> None:
         self.backend_state = FakeGauge()
+        self.backend_info = FakeInfoGauge()
 
 
 class FakeProbe:
