@@ -26,10 +26,7 @@ DASHBOARD = DEPLOY / "grafana" / "s3proxy.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
-# Families the rules use that no code records yet. The backend manager is expected to set
-# s3proxy_backend_info{backend_id, priority} = 1 for each configured backend, and the
-# priority alert needs it.
-# TODO: remove s3proxy_backend_info from here once collector/definitions.py defines it.
+# Families the rules use that no code records yet.
 PLANNED_FAMILIES: frozenset[str] = frozenset()
 
 # Sample values for Grafana's variables, chosen so that the expression stays valid PromQL.

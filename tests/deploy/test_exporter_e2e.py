@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from collector.buffer import DeltaBuffer
-from collector.definitions import MetricDefinition
 from collector.metrics import Metrics
 from collector.store import RedisStore
 from tests.support.prometheus import PrometheusServer, Sample
@@ -28,20 +27,11 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 NAMESPACE = "deploye2e"
 WRITER = "e2e-host:4242:0badc0de"
 
-# The family the priority rules join with; the backend manager does not set it yet.
-BACKEND_INFO = MetricDefinition(
-    "s3proxy_backend_info",
-    "gauge",
-    "1 for every backend in a proxy's configuration, with its priority.",
-    ("backend_id", "priority"),
-)
-
-
 class BatchWriter:
     """Writes metric batches to Redis the way one proxy's flusher does, on demand."""
 
     def __init__(self, redis_server: RedisServer) -> None:
-        self.metrics = Metrics(DeltaBuffer(), extra=[BACKEND_INFO])
+        self.metrics = Metrics(DeltaBuffer())
         self.store = RedisStore(redis_server.client(), namespace=NAMESPACE)
         self.store.register(self.metrics.definitions)
         self.sequence = 0
@@ -104,9 +94,8 @@ def writer(redis_server: RedisServer) -> BatchWriter:
     metrics = writer.metrics
     metrics.backend_state.labels("primary").set(0)
     metrics.backend_state.labels("secondary").set(1)
-    info = metrics.family("s3proxy_backend_info")
-    info.labels("primary", "0").set(1)  # type: ignore[union-attr]
-    info.labels("secondary", "1").set(1)  # type: ignore[union-attr]
+    metrics.backend_info.labels("primary", "0").set(1)
+    metrics.backend_info.labels("secondary", "1").set(1)
     writer.flush()
     return writer
 
