@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.task import Clock
 
 from collector.buffer import OVERFLOW_FAMILY, OVERFLOW_LABEL, DeltaBuffer
+from collector.flusher import Flusher
 from collector.metrics import Metrics
+from collector.store import RedisStore
+from tests.support.collector import run_now
 
 REQUESTS = "s3proxy_requests_total"
 LATENCY = "s3proxy_request_latency_seconds"
@@ -101,3 +105,28 @@ def test_invalid_cap() -> None:
     """A cap below 1 is rejected."""
     with pytest.raises(ValueError):
         DeltaBuffer(max_series=0)
+
+
+def test_outage_overflow_written_once(redis_store: RedisStore, clock: Clock) -> None:
+    """Deltas kept through an outage, overflow included, reach Redis exactly once."""
+    from tests.collector.test_flusher import FlakyStore
+
+    store = FlakyStore(redis_store)
+    metrics = _metrics(5)
+    flusher = Flusher(store, metrics, "host:1:aa", clock, run_now, interval=1.0)
+    flusher.startService()
+    store.fail_before = 10
+    for second in range(10):
+        for index in range(20):
+            metrics.requests_total.labels(f"op{index}", str(second)).inc()
+        clock.advance(1)
+    store.fail_after = 1  # the first write after the outage loses its reply
+    clock.advance(1)
+    clock.advance(1)
+    flusher.stopService()
+
+    requests = redis_store.read([REQUESTS]).families[REQUESTS]
+    overflow = redis_store.read([OVERFLOW_FAMILY]).families[OVERFLOW_FAMILY]
+    assert sum(float(value) for value in requests.values()) == 200.0
+    assert sum(float(value) for value in overflow.values()) > 0
+    assert len(requests) <= 2 * 5 + 2
