@@ -417,12 +417,15 @@ class StreamingBody:
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
         self._consumer = consumer
-        self._done = Deferred()
+        # A body that arrived completely before the backend connected is written and
+        # finished inside _flush, which clears self._done, so the Deferred is kept here.
+        done: Deferred[None] = Deferred()
+        self._done = done
         if self._failure is not None:
-            self._done.errback(self._failure)
+            done.errback(self._failure)
         else:
             self._flush()
-        return self._done
+        return done
 
     def pauseProducing(self) -> None:
         self._consumer_paused = True
