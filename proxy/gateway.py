@@ -857,10 +857,16 @@ class Exchange:
                 return
             request.write(data)
 
+        def unregister() -> None:
+            # A client that went away took the request's channel with it, and
+            # Request.unregisterProducer would raise AttributeError before relay.done fires.
+            if request.channel is not None:
+                request.unregisterProducer()
+
         relay = ResponseRelay(
             write,
             request.registerProducer,
-            request.unregisterProducer,
+            unregister,
             capture_limit=capture,
         )
         self.relay = relay

@@ -1,0 +1,148 @@
+"""Tests for proxy.gateway found by driving the proxy with real clients: client aborts.
+
+The gateway runs on a StringTransport with a task.Clock, and a fake forwarder hands out
+Deferreds that the test fires, as in test_gateway.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+
+from proxy.config import BackendConfig, parse_config
+from proxy.forward import OutgoingRequest
+from proxy.gateway import Gateway, GatewayChannel, GatewayFactory
+from proxy.operations import RequestInfo
+from proxy.sigv4 import sign_request
+
+ACCESS_KEY = "client"
+SECRET_KEY = "client-secret"
+NOW = 1_700_000_000.0
+HOST = "127.0.0.1:9000"
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+class FakeFamily:
+    def labels(self, *values: str) -> FakeFamily:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.requests_total = FakeFamily()
+        self.request_latency_seconds = FakeFamily()
+        self.backend_requests_total = FakeFamily()
+
+
+class FakeForwarder:
+    """Hands out one Deferred per attempt."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Deferred[Any]] = []
+
+    def send(self, backend: BackendConfig, request: OutgoingRequest) -> Deferred[Any]:
+        attempt: Deferred[Any] = Deferred()
+        self.attempts.append(attempt)
+        return attempt
+
+
+class RecordingPool:
+    """Plans the one configured backend and records the reports."""
+
+    def __init__(self, backends: tuple[BackendConfig, ...]) -> None:
+        self.backends = list(backends)
+        self.reports: list[tuple[str, str]] = []
+
+    def plan(self, info: RequestInfo) -> list[BackendConfig]:
+        return list(self.backends)
+
+    def report(self, backend_id: str, outcome: str, reason: str) -> None:
+        self.reports.append((backend_id, outcome))
+
+    def attempt_started(self, backend_id: str) -> None:
+        pass
+
+
+class OpenResponse:
+    """A backend response whose body stays open until the test ends it."""
+
+    code = 200
+    phrase = b"OK"
+    length = 100
+
+    def __init__(self) -> None:
+        self.headers = Headers()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"partial")
+
+
+def start_download() -> tuple[GatewayChannel, Gateway, RecordingPool, OpenResponse]:
+    """Send a signed GET and let the backend start its response body."""
+    config = parse_config(
+        {
+            "server": {"listen": "tcp:9000:interface=127.0.0.1"},
+            "metrics": {"listen": ""},
+            "users": [{"access_key": ACCESS_KEY, "secret_key": SECRET_KEY}],
+            "backends": [
+                {
+                    "id": "one",
+                    "endpoint": "http://127.0.0.1:1",
+                    "access_key": "a",
+                    "secret_key": "b",
+                }
+            ],
+        }
+    )
+    clock = Clock()
+    clock.advance(NOW)
+    forwarder = FakeForwarder()
+    pool = RecordingPool(config.backends)
+    gateway = Gateway(config, FakeMetrics(), forwarder, pool, clock)  # type: ignore[arg-type]
+    channel = GatewayFactory(gateway, idle_timeout=None).buildProtocol(None)
+    channel.makeConnection(StringTransport())
+
+    headers = sign_request(
+        "GET",
+        f"http://{HOST}/bucket/key",
+        {"host": HOST},
+        EMPTY_SHA256,
+        ACCESS_KEY,
+        SECRET_KEY,
+        "us-east-1",
+        clock.seconds(),
+    )
+    head = "GET /bucket/key HTTP/1.1\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    channel.dataReceived(head.encode("latin-1") + b"\r\n")
+
+    response = OpenResponse()
+    forwarder.attempts[0].callback(response)
+    return channel, gateway, pool, response
+
+
+def test_abort_mid_download_reports_backend() -> None:
+    """After a client abort, the end of the backend body is reported, ending its in_flight."""
+    channel, gateway, pool, response = start_download()
+
+    channel.connectionLost(Failure(net_error.ConnectionLost()))
+    # The Agent ends the body this way once the relay stopped the backend connection.
+    response.protocol.connectionLost(Failure(ResponseFailed([Failure(net_error.ConnectionLost())])))
+
+    assert pool.reports == [("one", "neutral")]
