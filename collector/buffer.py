@@ -9,7 +9,7 @@ reactor thread.
 
 While the store cannot be reached, the buffer keeps merging deltas, so its size grows with
 the number of distinct series, never with the number of recordings. ``max_series`` caps it:
-once the buffer holds that many counter and histogram series, a delta of a series that is
+once the buffer contains that many counter and histogram series, a delta of a series that is
 not in the buffer yet is added to its family's overflow series instead, whose label values
 are all :data:`OVERFLOW_LABEL`, and ``s3proxy_metrics_overflow_total{family}`` counts the
 recording. So every delta still reaches the family's total, and only the breakdown by
