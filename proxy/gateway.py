@@ -189,10 +189,11 @@ class Gateway:
 
     def drain(self) -> Deferred[None]:
         """
-        Start refusing keep-alive and return a Deferred that fires with no request in flight.
+        Stop keep-alive and return a Deferred that fires when no request is in flight.
 
-        From now on every connection closes after its current response, so clients open no
-        new request on it while the process stops. The Deferred never fails.
+        From now on a connection closes once its request completes, so clients send no
+        further request on it while the process stops. Idle keep-alive connections stay
+        open until the reactor stops. The Deferred never fails.
         """
         self.draining = True
         waiter: Deferred[None] = Deferred()
