@@ -1,9 +1,10 @@
 """
 Options and service for C{twistd s3proxy}.
 
-C{makeService} builds one C{MultiService} holding the metrics flusher, the S3 listener, the
-C{/metrics} and C{/status} listener (unless turned off with C{[metrics] listen = ""}), the
-backend manager with its health checks, and the backend connection pools. An invalid
+C{makeService} builds one L{SequentialMultiService} holding the metrics flusher, the S3
+listener, the C{/metrics} and C{/status} listener (unless turned off with
+C{[metrics] listen = ""}), the backend manager with its health checks, and the backend
+connection pools; they stop one at a time, the listeners first and the flusher last. An invalid
 configuration raises C{usage.UsageError} from L{Options.postOptions}, so twistd prints the
 message and exits non-zero before listening.
 """
