@@ -121,7 +121,7 @@ class SentinelDeployment:
 
     def _replica_known(self) -> bool:
         replicas = self.sentinel_client().sentinel_slaves(SERVICE)
-        # SENTINEL FAILOVER answers NOGOODSLAVE until the Sentinel has read the replica's
+        # SENTINEL FAILOVER returns NOGOODSLAVE until the Sentinel has read the replica's
         # own INFO, which shows as a known master link status.
         return any(
             int(replica["port"]) == self.replica.port
