@@ -47,8 +47,8 @@ PROFILE = (
     " 1a596ef. 80 % of the samples are in `RedisStore.apply` on the client: redis-py's"
     " pure-Python command packing 36 % and `json.dumps` of every series field in"
     " `batch_operations` 30 %; Redis itself is a small part. The flusher runs this in a"
-    " thread, but it holds the GIL, so up to about 17 µs per dirty series per flush is taken"
-    " from the reactor. Caching each series' encoded field in the buffer (the label"
+    " thread, but that Python work holds the GIL, so about 14 µs per dirty series per"
+    " flush is taken from the reactor. Caching each series' encoded field in the buffer (the label"
     " values of a series never change) and the optional `hiredis` package, whose packer"
     " redis-py uses when installed, would remove most of it."
 )

@@ -298,8 +298,8 @@ class Processes:
         prefix = self.directory / name
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
         config = prefix / "nginx.conf"
-        # Started as root, nginx would run its workers as "nobody", who can read neither
-        # the scratch directory nor the object files; they run as the invoking user instead.
+        # Started as root, nginx would run its workers as "nobody", who cannot read the
+        # scratch directory or the object files. The workers run as the invoking user.
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
         config.write_text(
             f"""

@@ -2,9 +2,9 @@
 
 nginx serves object files as a static S3-like backend that ignores the signature the proxy
 adds: ``GET /bench/<key>`` returns the file, and ``PUT /bench/<key>`` stores the body as
-that file (WebDAV ``PUT``) and answers 201 or 204 once the whole body is in, as an S3
-server answers only after the last byte. The proxy is configured with a real Redis for its metrics,
-no ``/metrics`` listener and the cache off, so every GET reaches the backend.
+that file (WebDAV ``PUT``). nginx responds 201 or 204 once the whole body is in, as an S3
+server responds only after the last byte. The proxy is configured with a real Redis for
+its metrics, no ``/metrics`` listener and the cache off, so every GET reaches the backend.
 """
 
 from __future__ import annotations
