@@ -596,7 +596,9 @@ class Exchange:
             self.streaming_body.finish()
             return
         if self.body_mode == "buffered":
-            self.buffer.append(tail)
+            # One joined copy replaces the received chunks, so that every later join (for
+            # each attempt and for cache invalidation) returns it instead of copying again.
+            self.buffer = [b"".join([*self.buffer, tail])]
         self.forward()
 
     def _drain(self, size: int) -> None:

@@ -1,4 +1,4 @@
-"""Tests for proxy.gateway found by driving the proxy with real clients: client aborts.
+"""Tests for proxy.gateway found by driving the proxy with real clients: aborts, memory.
 
 The gateway runs on a StringTransport with a task.Clock, and a fake forwarder hands out
 Deferreds that the test fires, as in test_gateway.py.
@@ -6,6 +6,8 @@ Deferreds that the test fires, as in test_gateway.py.
 
 from __future__ import annotations
 
+import hashlib
+import tracemalloc
 from typing import Any
 
 from twisted.internet import error as net_error
@@ -48,14 +50,16 @@ class FakeMetrics:
 
 
 class FakeForwarder:
-    """Hands out one Deferred per attempt."""
+    """Hands out one Deferred per attempt and keeps each request, as the Agent does."""
 
     def __init__(self) -> None:
         self.attempts: list[Deferred[Any]] = []
+        self.requests: list[OutgoingRequest] = []
 
     def send(self, backend: BackendConfig, request: OutgoingRequest) -> Deferred[Any]:
         attempt: Deferred[Any] = Deferred()
         self.attempts.append(attempt)
+        self.requests.append(request)
         return attempt
 
 
@@ -93,8 +97,8 @@ class OpenResponse:
         protocol.dataReceived(b"partial")
 
 
-def start_download() -> tuple[GatewayChannel, Gateway, RecordingPool, OpenResponse]:
-    """Send a signed GET and let the backend start its response body."""
+def make_gateway() -> tuple[GatewayChannel, Gateway, FakeForwarder, RecordingPool, Clock]:
+    """Build a gateway with one backend on an in-memory client connection."""
     config = parse_config(
         {
             "server": {"listen": "tcp:9000:interface=127.0.0.1"},
@@ -117,20 +121,32 @@ def start_download() -> tuple[GatewayChannel, Gateway, RecordingPool, OpenRespon
     gateway = Gateway(config, FakeMetrics(), forwarder, pool, clock)  # type: ignore[arg-type]
     channel = GatewayFactory(gateway, idle_timeout=None).buildProtocol(None)
     channel.makeConnection(StringTransport())
+    return channel, gateway, forwarder, pool, clock
 
+
+def signed_head(method: str, path: str, sha256: str, clock: Clock, length: int | None) -> bytes:
+    """Return the request line and SigV4-signed headers of one request."""
     headers = sign_request(
-        "GET",
-        f"http://{HOST}/bucket/key",
+        method,
+        f"http://{HOST}{path}",
         {"host": HOST},
-        EMPTY_SHA256,
+        sha256,
         ACCESS_KEY,
         SECRET_KEY,
         "us-east-1",
         clock.seconds(),
     )
-    head = "GET /bucket/key HTTP/1.1\r\n"
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    head = f"{method} {path} HTTP/1.1\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    channel.dataReceived(head.encode("latin-1") + b"\r\n")
+    return head.encode("latin-1") + b"\r\n"
+
+
+def start_download() -> tuple[GatewayChannel, Gateway, RecordingPool, OpenResponse]:
+    """Send a signed GET and let the backend start its response body."""
+    channel, gateway, forwarder, pool, clock = make_gateway()
+    channel.dataReceived(signed_head("GET", "/bucket/key", EMPTY_SHA256, clock, None))
 
     response = OpenResponse()
     forwarder.attempts[0].callback(response)
@@ -146,3 +162,27 @@ def test_abort_mid_download_reports_backend() -> None:
     response.protocol.connectionLost(Failure(ResponseFailed([Failure(net_error.ConnectionLost())])))
 
     assert pool.reports == [("one", "neutral")]
+
+
+def test_buffered_body_held_once() -> None:
+    """While a buffered upload waits for its backend, the proxy keeps one copy of its body."""
+    size = 4 * 1024 * 1024
+    body = bytes(range(256)) * (size // 256)
+    head = signed_head(
+        "PUT", "/bucket/key", hashlib.sha256(body).hexdigest(), make_gateway()[4], size
+    )
+    chunks = [body[i : i + 65536] for i in range(0, size, 65536)]
+
+    tracemalloc.start()
+    try:
+        channel, gateway, forwarder, pool, clock = make_gateway()
+        before = tracemalloc.get_traced_memory()[0]
+        channel.dataReceived(head)
+        for chunk in chunks:
+            channel.dataReceived(chunk)
+        retained_bytes = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert len(forwarder.attempts) == 1
+    assert retained_bytes < size * 1.5
