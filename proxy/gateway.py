@@ -89,6 +89,9 @@ _DRAIN_LIMIT = 1024 * 1024
 # kept to find it.
 _CAPTURE_LIMIT = 64 * 1024
 
+# Reason phrases missing from twisted.web.http.RESPONSES (Twisted 26.10 has no 431, RFC 6585).
+_EXTRA_REASONS = {431: b"Request Header Fields Too Large"}
+
 
 class BackendPool(Protocol):
     """
@@ -335,7 +338,7 @@ class GatewayChannel(http.HTTPChannel):
         gateway = self.gateway
         request_id = gateway.new_request_id()
         body = render_error(code, message, "", request_id)
-        reason = http.RESPONSES.get(status, b"Error")
+        reason = _EXTRA_REASONS.get(status) or http.RESPONSES.get(status, b"Error")
         head = [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
             b"Content-Type: application/xml\r\n",

@@ -186,3 +186,13 @@ def test_buffered_body_held_once() -> None:
 
     assert len(forwarder.attempts) == 1
     assert retained_bytes < size * 1.5
+
+
+def test_oversized_headers_reason_phrase() -> None:
+    """A 431 status line carries its standard reason phrase."""
+    channel = make_gateway()[0]
+    transport: Any = channel.transport
+
+    channel.dataReceived(b"GET / HTTP/1.1\r\nx-filler: " + b"a" * 20000 + b"\r\n\r\n")
+
+    assert transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
