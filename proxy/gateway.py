@@ -467,6 +467,7 @@ class Exchange:
 
         try:
             self._check_method()
+            self._check_host()
             self.auth = verify_request(
                 self.method,
                 request.uri,
@@ -492,6 +493,14 @@ class Exchange:
         if self.body_mode == "streaming":
             self.forward()
         return True
+
+    def _check_host(self) -> None:
+        # RFC 9112 section 3.2: an HTTP/1.1 request without Host gets 400.
+        request = self.request
+        if request.clientproto == b"HTTP/1.1" and not request.requestHeaders.hasHeader(b"host"):
+            raise S3Error(
+                "BadRequest", "the request has no Host header; HTTP/1.1 requires one", 400
+            )
 
     def _check_method(self) -> None:
         if self.method in _S3_METHODS:

@@ -196,3 +196,15 @@ def test_oversized_headers_reason_phrase() -> None:
     channel.dataReceived(b"GET / HTTP/1.1\r\nx-filler: " + b"a" * 20000 + b"\r\n\r\n")
 
     assert transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+def test_missing_host_is_400() -> None:
+    """An HTTP/1.1 request without a Host header gets 400 and reaches no backend."""
+    channel, gateway, forwarder, pool, clock = make_gateway()
+    transport: Any = channel.transport
+
+    channel.dataReceived(b"GET /bucket/key HTTP/1.1\r\n\r\n")
+
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert b"<Code>BadRequest</Code>" in transport.value()
+    assert forwarder.attempts == []
