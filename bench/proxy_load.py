@@ -62,7 +62,10 @@ METHOD = (
     f" {CONNECTIONS} connections keep every backend connection reused; one row shows what"
     f" {CHURN_CONNECTIONS} connections cost, where some requests open a new backend"
     " connection. Targets: metrics cost at most 2 % of throughput (and of CPU per"
-    " request) and at most 0.1 ms of p50 latency."
+    " request) and at most 0.1 ms of p50 latency. The on/off rows name the range of their"
+    " runs. Where the ranges of on and off overlap by more than the difference of the"
+    " medians, a missed target is within this machine's run-to-run noise, and the"
+    " profile below gives the metrics cost instead."
 )
 
 
