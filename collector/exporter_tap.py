@@ -8,6 +8,7 @@ imports no proxy code.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,12 @@ def _store_url(options: Options, metrics: dict[str, Any]) -> str | None:
         redis_url = metrics.get("redis_url")
         if redis_url is not None and not isinstance(redis_url, str):
             raise usage.UsageError(f"metrics.redis_url {redis_url!r} is invalid; give a string")
+        if "redis_url_env" in metrics:
+            if redis_url is not None:
+                raise usage.UsageError(
+                    "metrics sets both redis_url and redis_url_env; keep only one of them"
+                )
+            redis_url = _url_from_environment(metrics["redis_url_env"])
         sentinels = metrics.get("sentinels", [])
         if not isinstance(sentinels, list) or not all(isinstance(n, str) for n in sentinels):
             raise usage.UsageError(
@@ -119,6 +126,21 @@ def _store_url(options: Options, metrics: dict[str, Any]) -> str | None:
         return metrics_url(redis_url, sentinels, service, cluster or bool(options["cluster"]))
     except ValueError as err:
         raise usage.UsageError(str(err)) from None
+
+
+def _url_from_environment(name: object) -> str:
+    """Return the Redis URL held by the environment variable that ``redis_url_env`` names."""
+    if not isinstance(name, str) or not name:
+        raise usage.UsageError(
+            f"metrics.redis_url_env {name!r} is invalid; give the name of an environment variable"
+        )
+    value = os.environ.get(name)
+    if not value:
+        raise usage.UsageError(
+            f"metrics.redis_url_env names the environment variable {name!r}, which is not set"
+            " or empty; export it before starting the exporter"
+        )
+    return value
 
 
 def _metrics_table(path: str) -> dict[str, Any]:

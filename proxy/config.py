@@ -217,7 +217,7 @@ def parse_config(
     _check_keys(document, "", {"server", "metrics", "users", "backends", "health", "cache"})
 
     server = _parse_server(_table(document, "server"))
-    metrics = _parse_metrics(_table(document, "metrics"))
+    metrics = _parse_metrics(_table(document, "metrics"), env)
     users = _parse_users(_array_of_tables(document, "users"), env)
     backends = _parse_backends(_array_of_tables(document, "backends"), env)
     health = _parse_health(_table(document, "health"))
@@ -241,7 +241,11 @@ def _apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, object]) ->
         table = document.get(section, {})
         if not isinstance(table, dict):
             table = {}
-        document[section] = {**table, key: value}
+        table = {**table, key: value}
+        if dotted == "metrics.redis_url":
+            # --redis-url replaces the file's URL however the file gives it.
+            table.pop("redis_url_env", None)
+        document[section] = table
     return document
 
 
@@ -284,12 +288,20 @@ def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
     )
 
 
-def _parse_metrics(table: Mapping[str, Any]) -> MetricsConfig:
+def _parse_metrics(table: Mapping[str, Any], env: Mapping[str, str]) -> MetricsConfig:
     defaults = MetricsConfig()
-    _check_keys(table, "metrics", set(MetricsConfig.__dataclass_fields__))
+    _check_keys(table, "metrics", set(MetricsConfig.__dataclass_fields__) | {"redis_url_env"})
     redis_url: str | None = None
-    if "redis_url" in table:
+    if "redis_url" in table and "redis_url_env" in table:
+        raise ConfigError(
+            "metrics sets both redis_url and redis_url_env; keep only one of them"
+        )
+    if "redis_url_env" in table:
+        # A URL with a password belongs in the environment rather than in the file.
+        redis_url = _from_environment(table, "metrics", "redis_url_env", env)
+    elif "redis_url" in table:
         redis_url = _nonempty_string(table, "metrics", "redis_url", "")
+    if redis_url is not None:
         parts = urlsplit(redis_url)
         if parts.scheme not in ("redis", "rediss", "unix", *HA_SCHEMES) or not (
             parts.netloc or parts.path
@@ -607,6 +619,22 @@ def _backend_endpoint(table: Mapping[str, Any], path: str) -> str:
     return value.rstrip("/")
 
 
+def _from_environment(
+    table: Mapping[str, Any], path: str, key: str, env: Mapping[str, str]
+) -> str:
+    """Return the value of the environment variable that ``table[key]`` names."""
+    name = _nonempty_string(table, path, key, "")
+    if not _ENV_NAME.fullmatch(name):
+        raise ConfigError(f"{path}.{key} {name!r} is not an environment variable name")
+    value = env.get(name)
+    if not value:
+        raise ConfigError(
+            f"{path}.{key} names the environment variable {name!r}, which is"
+            " not set or empty; export it before starting the proxy"
+        )
+    return value
+
+
 def _secret(table: Mapping[str, Any], path: str, env: Mapping[str, str]) -> str:
     has_value = "secret_key" in table
     has_env = "secret_key_env" in table
@@ -624,16 +652,5 @@ def _secret(table: Mapping[str, Any], path: str, env: Mapping[str, str]) -> str:
             )
         return value
     if has_env:
-        name = _nonempty_string(table, path, "secret_key_env", "")
-        if not _ENV_NAME.fullmatch(name):
-            raise ConfigError(
-                f"{path}.secret_key_env {name!r} is not an environment variable name"
-            )
-        secret = env.get(name)
-        if not secret:
-            raise ConfigError(
-                f"{path}.secret_key_env names the environment variable {name!r}, which is"
-                " not set or empty; export it before starting the proxy"
-            )
-        return secret
+        return _from_environment(table, path, "secret_key_env", env)
     raise ConfigError(f"{path}.secret_key is missing; set secret_key or secret_key_env")

@@ -116,3 +116,19 @@ def test_no_proxy_import() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_config_redis_url_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exporter reads metrics.redis_url_env from the environment."""
+    monkeypatch.setenv("S3PROXY_TEST_REDIS_URL", "redis://:pa55word@127.0.0.1:6390/2")
+    path = _config(tmp_path, '[metrics]\nredis_url_env = "S3PROXY_TEST_REDIS_URL"\n')
+    options = _parse("--config", path)
+    assert options["redis-url"] == "redis://:pa55word@127.0.0.1:6390/2"
+
+
+def test_config_redis_url_env_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unset redis_url_env variable stops the exporter with its name in the message."""
+    monkeypatch.delenv("S3PROXY_TEST_REDIS_URL", raising=False)
+    path = _config(tmp_path, '[metrics]\nredis_url_env = "S3PROXY_TEST_REDIS_URL"\n')
+    with pytest.raises(usage.UsageError, match="S3PROXY_TEST_REDIS_URL"):
+        _parse("--config", path)

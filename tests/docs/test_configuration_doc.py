@@ -23,7 +23,11 @@ SECTIONS: dict[str, type] = {
     "cache": config.CacheConfig,
 }
 # Keys that the file accepts in place of a dataclass field.
-ALTERNATIVE_KEYS = {"users": {"secret_key_env"}, "backends": {"secret_key_env"}}
+ALTERNATIVE_KEYS = {
+    "users": {"secret_key_env"},
+    "backends": {"secret_key_env"},
+    "metrics": {"redis_url_env"},
+}
 
 
 def _documented_tables() -> dict[str, dict[str, str]]:

@@ -309,3 +309,47 @@ def test_ssl_listen_missing_file() -> None:
 def test_unsupported_override() -> None:
     """An override outside [server] and [metrics] is rejected."""
     assert "cache.enabled" in error_of(minimal(), overrides={"cache.enabled": True})
+
+
+def test_redis_url_from_environment() -> None:
+    """metrics.redis_url_env reads the URL, password included, from the environment."""
+    document = minimal()
+    document["metrics"] = {"redis_url_env": "S3PROXY_REDIS_URL"}
+    url = "redis://:pa55word@127.0.0.1:6379/0"
+    config = parse_config(document, environ={"S3PROXY_REDIS_URL": url})
+    assert config.metrics.redis_url == url
+
+
+def test_redis_url_env_unset() -> None:
+    """An unset redis_url_env variable is named in the error."""
+    document = minimal()
+    document["metrics"] = {"redis_url_env": "S3PROXY_REDIS_URL"}
+    message = error_of(document, environ={})
+    assert "metrics.redis_url_env" in message
+    assert "S3PROXY_REDIS_URL" in message
+
+
+def test_redis_url_both_forms() -> None:
+    """redis_url and redis_url_env together are rejected."""
+    document = minimal()
+    document["metrics"] = {"redis_url": "redis://127.0.0.1/0", "redis_url_env": "X"}
+    assert "redis_url_env" in error_of(document, environ={"X": "redis://127.0.0.1/1"})
+
+
+def test_redis_url_env_hides_password() -> None:
+    """An invalid URL from the environment is shown without its password."""
+    document = minimal()
+    document["metrics"] = {"redis_url_env": "S3PROXY_REDIS_URL"}
+    message = error_of(document, environ={"S3PROXY_REDIS_URL": "http://:pa55word@host/0"})
+    assert "metrics.redis_url" in message
+    assert "pa55word" not in message
+
+
+def test_redis_url_override_beats_env() -> None:
+    """--redis-url replaces a URL that the file takes from the environment."""
+    document = minimal()
+    document["metrics"] = {"redis_url_env": "S3PROXY_REDIS_URL"}
+    config = parse_config(
+        document, overrides={"metrics.redis_url": "redis://127.0.0.1:6390/0"}, environ={}
+    )
+    assert config.metrics.redis_url == "redis://127.0.0.1:6390/0"
