@@ -65,7 +65,8 @@ METHOD = (
     " request) and at most 0.1 ms of p50 latency. The on/off rows name the range of their"
     " runs. Where the ranges of on and off overlap by more than the difference of the"
     " medians, a missed target is within this machine's run-to-run noise, and the"
-    " profile below gives the metrics cost instead."
+    " profile below gives the metrics cost instead. A row per workload compares two"
+    " identical metrics-on processes the same way, which shows that noise."
 )
 
 
@@ -130,6 +131,8 @@ class Servers:
     balancer_two: int
     proxy_on_pid: int
     proxy_off_pid: int
+    proxy_twin: int
+    proxy_twin_pid: int
 
 
 def _start(context: Context, processes: Processes) -> Servers:
@@ -145,7 +148,8 @@ def _start(context: Context, processes: Processes) -> Servers:
     off_process = proxies.start("proxy-off", metrics=False)
     proxy_on = on_process.port or 0
     proxy_off = off_process.port or 0
-    proxy_second = proxies.start("proxy-on-2").port or 0
+    twin_process = proxies.start("proxy-on-2")
+    proxy_second = twin_process.port or 0
 
     anchor, balancer_one, balancer_two = free_port(), free_port(), free_port()
     processes.nginx(
@@ -156,7 +160,7 @@ def _start(context: Context, processes: Processes) -> Servers:
     )
     return Servers(
         backend, anchor, proxy_on, proxy_off, balancer_one, balancer_two,
-        on_process.pid, off_process.pid,
+        on_process.pid, off_process.pid, proxy_second, twin_process.pid,
     )
 
 
@@ -218,15 +222,15 @@ def run(context: Context) -> Benchmark:
 
 
 def _alternate(
-    loader: _Loader, servers: Servers, on_url: str, off_url: str, workload: Workload,
+    loader: _Loader, first: tuple[str, int], second: tuple[str, int], workload: Workload,
     repeats: int, connections: int = CONNECTIONS,
 ) -> tuple[list[Measurement], list[Measurement]]:
-    on: list[Measurement] = []
-    off: list[Measurement] = []
+    """Load two proxies in turn, ``repeats`` times each; each is given as (URL, pid)."""
+    results: tuple[list[Measurement], list[Measurement]] = ([], [])
     for _ in range(repeats):
-        on.append(loader.load_proxy(on_url, servers.proxy_on_pid, workload, connections))
-        off.append(loader.load_proxy(off_url, servers.proxy_off_pid, workload, connections))
-    return on, off
+        for (url, pid), measurements in zip((first, second), results, strict=True):
+            measurements.append(loader.load_proxy(url, pid, workload, connections))
+    return results
 
 
 def _median_rate(measurements: list[Measurement]) -> float:
@@ -261,13 +265,16 @@ def _measure_workload(
         "anchor": _url(servers.anchor, workload),
         "on": _url(servers.proxy_on, workload),
         "off": _url(servers.proxy_off, workload),
+        "twin": _url(servers.proxy_twin, workload),
     }
     for url in urls.values():
         loader.warm_up(url, workload)
 
     direct = loader.load(urls["direct"], workload)
     anchor = loader.load(urls["anchor"], workload)
-    on, off = _alternate(loader, servers, urls["on"], urls["off"], workload, repeats)
+    on_proxy = (urls["on"], servers.proxy_on_pid)
+    off_proxy = (urls["off"], servers.proxy_off_pid)
+    on, off = _alternate(loader, on_proxy, off_proxy, workload, repeats)
     on_rate = _median_rate(on)
     note = f"backend: {workload.backend}"
     spread = f"{note}; req/s of {repeats} runs: on {_spread(on)}, off {_spread(off)}"
@@ -289,6 +296,15 @@ def _measure_workload(
         "metrics off", _median_cpu(off), "µs", CPU_TARGET,
         note=f"{note}; µs of {repeats} runs: on {_cpu_spread(on)}, off {_cpu_spread(off)}",
     ))
+    # Two identical processes show how far apart this machine puts equal work.
+    twin_proxy = (urls["twin"], servers.proxy_twin_pid)
+    same, twin = _alternate(loader, on_proxy, twin_proxy, workload, max(1, repeats - 2))
+    context.add(benchmark, Row(
+        f"{workload.name}: proxy CPU per request, metrics on", _median_cpu(same),
+        "an identical metrics-on process", _median_cpu(twin), "µs",
+        note=f"{note}; µs of {len(same)} runs: first {_cpu_spread(same)}, second"
+        f" {_cpu_spread(twin)}",
+    ))
     context.add(benchmark, Row(
         f"{workload.name}: p50 latency at {CONNECTIONS} connections, metrics on",
         _median_p50(on), "metrics off", _median_p50(off), "ms", note=note,
@@ -296,7 +312,7 @@ def _measure_workload(
 
     if workload.size <= 1024:
         on_single, off_single = _alternate(
-            loader, servers, urls["on"], urls["off"], workload, repeats, connections=1
+            loader, on_proxy, off_proxy, workload, repeats, connections=1
         )
         context.add(benchmark, Row(
             f"{workload.name}: p50 latency at 1 connection, metrics on",
