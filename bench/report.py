@@ -261,9 +261,13 @@ def render_page(
         if row.verdict == "MISSED"
     ]
     failed = [benchmark for benchmark in benchmarks if benchmark.error]
-    lines += ["## Summary", ""]
-    if not missed and not failed:
-        lines.append("Every row with a target met it.")
+    targeted = [row for benchmark in benchmarks for row in benchmark.rows if row.target]
+    lines += [
+        "## Summary",
+        "",
+        f"{len(targeted) - len(missed)} of {len(targeted)} rows with a target met it.",
+        "",
+    ]
     for benchmark, row in missed:
         lines.append(
             f"- **Missed** ({benchmark.title}): {row.case} is {row.ratio:.3f}x "

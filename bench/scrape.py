@@ -38,19 +38,20 @@ IN_PROCESS_TARGET = Target("ratio_max", 1.0, "<= 1.00x in-process at 10,000 samp
 MULTIPROCESS_TARGET = Target("ratio_below", 1.0, "< 1.00x multiprocess")
 
 METHOD = (
-    "Seconds per scrape, the fastest of several, for N samples: about half from counter"
+    "Milliseconds per scrape, the fastest of several, for N samples: about half from counter"
     " series (`s3proxy_backend_requests_total`) and half from histogram series"
     " (`s3proxy_request_latency_seconds`, 17 samples each). This project's figure is a full"
-    " HTTP GET of `/metrics` from the exporter service (the `makeService` of `twistd"
-    " s3proxy-exporter`, run in its own process by `bench/_serve.py`), which reads a real"
-    " redis-server, builds the families and renders text format 0.0.4; with gzip, the"
-    " client sends `Accept-Encoding: gzip` and the time includes compression. The"
+    " HTTP GET of `/metrics` from the exporter service, the `makeService` of `twistd"
+    " s3proxy-exporter` run in its own process by `bench/_serve.py`. The exporter reads a"
+    " real redis-server, builds the families and renders text format 0.0.4. With gzip,"
+    " the client sends `Accept-Encoding: gzip` and the time includes compression. The"
     " anchors run `generate_latest` on the same series in a separate interpreter"
-    " (`bench/_scrape_worker.py`): prometheus_client in-process (without `_created`"
-    f" series, which this project does not expose), and `MultiProcessCollector` over"
-    f" {PROCESS_FILES} process files that each hold every series, as a scrape of an"
-    f" {PROCESS_FILES}-worker deployment reads them. Targets: at most the in-process cost"
-    " at 10,000 samples, and faster than multiprocess mode at every size."
+    " (`bench/_scrape_worker.py`). One is prometheus_client in-process, without the"
+    " `_created` series that this project does not expose. The other is"
+    f" `MultiProcessCollector` over {PROCESS_FILES} process files that each contain every"
+    f" series, as a scrape of an {PROCESS_FILES}-worker deployment reads them."
+    " Targets: at most the in-process cost at 10,000 samples, and faster than"
+    " multiprocess mode at every size."
 )
 
 
@@ -59,10 +60,10 @@ PROFILE = (
     "Where the time goes: py-spy (200 Hz) on `generate_latest` over `RedisCollector` at"
     " 10,000 samples, source 1a596ef. prometheus_client's text formatting takes 42 % of"
     " the samples (`sample_line`, label name validation 8 %, escaping 10 %), which the"
-    " in-process anchor pays too. The rest is this project's collection: reading Redis"
-    " 16 %, almost all of it redis-py's pure-Python RESP parser (the optional `hiredis`"
-    " parser would replace it), and building families 34 %: `json.loads` of every field"
-    " 5 %, label checks 8 %, `add_metric` 10 %. Caching the decoded labels of each"
+    " in-process anchor pays too. The rest is this project's collection. Reading Redis"
+    " takes 16 %, almost all of it in redis-py's pure-Python RESP parser, which the"
+    " optional `hiredis` parser would replace. Building families takes 34 %: `json.loads`"
+    " of every field 5 %, label checks 8 %, `add_metric` 10 %. Caching the decoded labels of each"
     " field between scrapes, or rendering the text format straight from the Redis"
     " snapshot instead of building `Metric` objects, would remove most of it."
 )
