@@ -74,9 +74,9 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path) -
     Another program may take the port between :func:`free_port` and the start and accept
     connections on it, so the listening socket must belong to ``process``.
 
-    :raises RuntimeError: when the process exits first, the port belongs to another
-        process, or the port stays closed for ``START_TIMEOUT`` seconds; the message ends
-        with the process's log.
+    :raises RuntimeError: when the process exits first, when the port belongs to another
+        process, or when the port stays closed for ``START_TIMEOUT`` seconds. The message
+        ends with the process's log.
     """
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

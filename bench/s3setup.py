@@ -153,7 +153,7 @@ def check_url(url: str, method: str = "GET", body: bytes | None = None,
 
 
 class ProxySetup:
-    """A factory of proxy processes in front of one backend, each with its own config file.
+    """Start proxy processes in front of one backend, each with its own config file.
 
     :param processes: starts and stops the proxy processes.
     :param backend_port: the nginx backend's port.
