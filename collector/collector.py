@@ -20,6 +20,7 @@ needs none of the writers' code. Besides the stored families it exposes its own 
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -339,6 +340,13 @@ def _labels(definition: MetricDefinition, values: Iterable[Any]) -> list[str]:
     return labels
 
 
+# Fields repeat from scrape to scrape, so their JSON is parsed once. The bound covers the
+# series count of a large deployment; past it, the least recently used fields are parsed again.
+@functools.lru_cache(maxsize=262144)
+def _decode_cached(field: str) -> tuple[Any, ...]:
+    return tuple(decode_field(field))
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -355,7 +363,7 @@ def _counter_family(
     family = CounterMetricFamily(definition.name, definition.help, labels=list(definition.labels))
     for field, text in sorted(fields.items()):
         try:
-            labels = _labels(definition, decode_field(field))
+            labels = _labels(definition, _decode_cached(field))
             value = _number(text)
             if value < 0:
                 raise _Malformed(text)
@@ -376,12 +384,15 @@ def _histogram_family(
     # skipped; the other fields of its series are still shown.
     for field, text in fields.items():
         try:
-            parts = decode_field(field)
+            parts = _decode_cached(field)
             if not parts:
                 raise _Malformed(field)
             labels = tuple(_labels(definition, parts[:-1]))
             part = parts[-1]
-            buckets, total = series.setdefault(labels, ([0] * bucket_count, []))
+            entry = series.get(labels)
+            if entry is None:
+                entry = series[labels] = ([0] * bucket_count, [])
+            buckets, total = entry
             if part == "sum":
                 total.append(_number(text))
             elif part == "count":
@@ -399,12 +410,13 @@ def _histogram_family(
     # Buckets are stored per bucket; the exposition wants cumulative counts, so that
     # the +Inf bucket always equals the count.
     family = HistogramMetricFamily(definition.name, definition.help, labels=list(definition.labels))
+    bounds = [floatToGoString(bound) for bound in definition.buckets]
     for labels, (buckets, total) in sorted(series.items()):
         cumulative = []
         running = 0
-        for bound, count in zip(definition.buckets, buckets, strict=True):
+        for bound, count in zip(bounds, buckets, strict=True):
             running += count
-            cumulative.append((floatToGoString(bound), running))
+            cumulative.append((bound, running))
         family.add_metric(list(labels), cumulative, sum_value=total[0] if total else 0.0)
     return family
 
@@ -426,7 +438,7 @@ def _gauge_family(
     values: dict[tuple[str, ...], list[tuple[float, float, str]]] = {}
     for field, text in sorted(fields.items()):
         try:
-            parts = decode_field(field)
+            parts = _decode_cached(field)
             if not parts or not isinstance(parts[0], str):
                 raise _Malformed(field)
             writer = parts[0]
