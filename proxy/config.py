@@ -444,8 +444,8 @@ def _parse_cache(table: Mapping[str, Any]) -> CacheConfig:
     _check_keys(table, "cache", set(CacheConfig.__dataclass_fields__))
     return CacheConfig(
         enabled=_bool(table, "cache", "enabled", d.enabled),
-        max_bytes=_int(table, "cache", "max_bytes", d.max_bytes, 0),
-        max_object_bytes=_int(table, "cache", "max_object_bytes", d.max_object_bytes, 0),
+        max_bytes=_int(table, "cache", "max_bytes", d.max_bytes, 1),
+        max_object_bytes=_int(table, "cache", "max_object_bytes", d.max_object_bytes, 1),
         ttl=_float(table, "cache", "ttl", d.ttl),
     )
 

@@ -353,3 +353,11 @@ def test_redis_url_override_beats_env() -> None:
         document, overrides={"metrics.redis_url": "redis://127.0.0.1:6390/0"}, environ={}
     )
     assert config.metrics.redis_url == "redis://127.0.0.1:6390/0"
+
+
+@pytest.mark.parametrize("key", ["max_bytes", "max_object_bytes"])
+def test_cache_size_zero_rejected(key: str) -> None:
+    """A cache size of 0 is a config error naming the key, not a failure at start."""
+    document = minimal()
+    document["cache"] = {"enabled": True, key: 0}
+    assert f"cache.{key}" in error_of(document)
