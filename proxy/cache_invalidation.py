@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 __all__ = [
     "InvalidationBus",
@@ -58,6 +59,9 @@ T = TypeVar("T")
 
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 """Run a blocking callable off the reactor thread; the Deferred fires with its result."""
+
+PUBLISH_THREADS = 4
+"""Threads of a bus's own publish pool; more only queue up behind a Redis that does not reply."""
 
 
 def invalidation_channel(namespace: str) -> str:
@@ -218,7 +222,11 @@ class RedisInvalidationBus:
     :param origin: the id of this process; messages with this origin are ignored because the
         local eviction already happened.
     :param reactor: delivers to the listener with ``callFromThread``.
-    :param run_in_thread: runs a blocking publish; defaults to the reactor's thread pool.
+    :param run_in_thread: runs a blocking publish; defaults to a thread pool of the bus's own
+        (:data:`PUBLISH_THREADS` threads, started on the first publish, stopped by
+        :meth:`close`). It is not the reactor's pool, because while Redis does not reply
+        every publish holds its thread for the socket timeout (5 s), and in the reactor's
+        pool that starved name resolution, so backend connections waited behind them.
     :param ping_interval: seconds between PINGs on an idle subscription. A subscription that
         returns nothing, not even the PONG, for three intervals counts as lost.
     :param max_backoff: upper bound in seconds of the delay between subscription attempts,
@@ -257,6 +265,7 @@ class RedisInvalidationBus:
         # Set by the subscriber thread once the current connection's SUBSCRIBE is confirmed.
         self._ready = False
         self._thread: threading.Thread | None = None
+        self._publish_pool: ThreadPool | None = None
 
     @classmethod
     def from_url(
@@ -281,9 +290,20 @@ class RedisInvalidationBus:
         return cls(client_factory, invalidation_channel(namespace), origin, reactor)
 
     def _default_run_in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
-        # Every real reactor also provides IReactorThreads.getThreadPool.
-        pool = self._reactor.getThreadPool()
-        return threads.deferToThreadPool(self._reactor, pool, work)
+        if self._publish_pool is None:
+            self._publish_pool = ThreadPool(
+                0, PUBLISH_THREADS, name=f"cache-invalidation publish {self._channel}"
+            )
+            self._publish_pool.start()
+        return threads.deferToThreadPool(self._reactor, self._publish_pool, work)
+
+    def _stop_publish_pool(self, result: T) -> T:
+        pool, self._publish_pool = self._publish_pool, None
+        if pool is not None:
+            # Joins the pool's threads, so a publish stuck on a silent Redis delays the stop
+            # by up to the socket timeout.
+            pool.stop()
+        return result
 
     # Publishing.
 
@@ -332,13 +352,15 @@ class RedisInvalidationBus:
         self._thread.start()
 
     def close(self) -> Deferred[None]:
-        """Stop the subscriber thread; the Deferred fires once it has ended."""
+        """Stop the subscriber thread and the publish pool; the Deferred fires once both ended."""
         self._stopping.set()
         thread = self._thread
-        if thread is None:
-            return succeed(None)
         self._thread = None
-        return self._run_in_thread(lambda: thread.join(timeout=10.0))
+        if thread is None:
+            joined: Deferred[Any] = succeed(None)
+        else:
+            joined = self._run_in_thread(lambda: thread.join(timeout=10.0))
+        return joined.addBoth(self._stop_publish_pool)
 
     def _run(self, listener: InvalidationListener) -> None:
         """Subscribe, deliver, and on any error report the loss and try again (runs in a thread)."""
