@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -25,7 +26,7 @@ from collector import thread_pool_runner
 from collector.collector import RedisCollector, default_gauge_ttl
 from collector.connection import metrics_url
 from collector.resource import MetricsResource, metrics_root
-from collector.store import RedisStore, open_redis, redact_url
+from collector.store import RedisStore, check_namespace, open_redis, redact_url
 
 __all__ = ["Options", "makeService"]
 
@@ -81,7 +82,20 @@ class Options(usage.Options):
         namespace = self["namespace"] or metrics.get("namespace", "s3proxy")
         if not isinstance(namespace, str):
             raise usage.UsageError(f"metrics.namespace {namespace!r} is invalid; give a string")
+        try:
+            check_namespace(namespace)
+        except ValueError as err:
+            raise usage.UsageError(str(err)) from None
         self["namespace"] = namespace
+
+        try:
+            # Parses the description only; nothing listens until the service starts.
+            strports.service(self["listen"], IProtocolFactory(Factory()))
+        except ValueError as err:
+            raise usage.UsageError(
+                f"--listen {self['listen']!r} is invalid: {err}; give an endpoint description"
+                " such as tcp:9091:interface=127.0.0.1"
+            ) from None
 
         flush_interval = _seconds(metrics.get("flush_interval", 1.0), "metrics.flush_interval")
         if self["gauge-ttl"] is None:

@@ -333,7 +333,8 @@ return removed
 """
 
 
-def _check_namespace(namespace: str) -> None:
+def check_namespace(namespace: str) -> None:
+    """Raise ValueError when ``namespace`` cannot prefix and hash-tag the Redis keys."""
     if not namespace or any(char in namespace for char in "{}\n\r "):
         raise ValueError(
             f"metrics namespace {namespace!r} is invalid; give a non-empty name "
@@ -372,7 +373,7 @@ class RedisStore:
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
     ) -> None:
-        _check_namespace(namespace)
+        check_namespace(namespace)
         if wait_replicas < 0 or not wait_timeout > 0:
             raise ValueError(
                 f"wait_replicas {wait_replicas!r} or wait_timeout {wait_timeout!r} is "
