@@ -139,7 +139,8 @@ class RedisServer:
         self.process = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT)
         wait_for_port(self.port, process=self.process, log_path=self.log_path)
-        # Redis accepts connections before it has loaded the AOF; PING answers LOADING until then.
+        # Redis accepts connections before it has loaded the AOF, and PING fails with LOADING
+        # until then.
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
@@ -247,7 +248,7 @@ def twistd_argv(plugin: str, *args: str, log_path: Path | None = None,
 
 
 class TwistdProcess:
-    """A ``twistd`` process started from ``argv`` and ready once ``ready_url`` answers."""
+    """A ``twistd`` process started from ``argv`` and ready once ``ready_url`` responds."""
 
     def __init__(self, argv: list[str], env: Mapping[str, str], ready_url: str | None = None,
                  ready_port: int | None = None, log_path: Path | None = None,
@@ -288,7 +289,7 @@ class TwistdProcess:
                 with urllib.request.urlopen(url, timeout=2):
                     return
             except urllib.error.HTTPError:
-                return  # Any HTTP answer means it listens.
+                return  # Any HTTP response means it listens.
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(
