@@ -432,7 +432,8 @@ def _parse_health(table: Mapping[str, Any]) -> HealthConfig:
         timeout=_float(table, "health", "timeout", d.timeout),
         failures_to_down=_int(table, "health", "failures_to_down", d.failures_to_down, 1),
         successes_to_up=_int(table, "health", "successes_to_up", d.successes_to_up, 1),
-        cooldown=_float(table, "health", "cooldown", d.cooldown, allow_zero=True),
+        # 0 would put a dead backend back to PROBING at once, in a loop of checks and logs.
+        cooldown=_float(table, "health", "cooldown", d.cooldown),
         probe_requests=_int(table, "health", "probe_requests", d.probe_requests, 1),
         jitter=_fraction(table, "health", "jitter", d.jitter),
         retry_budget=_fraction(table, "health", "retry_budget", d.retry_budget),

@@ -85,7 +85,7 @@ interval = 5.0
 timeout = 2.0
 failures_to_down = 3
 successes_to_up = 2
-cooldown = 0
+cooldown = 0.5
 probe_requests = 1
 jitter = 0.1
 retry_budget = 0.2
@@ -361,3 +361,10 @@ def test_cache_size_zero_rejected(key: str) -> None:
     document = minimal()
     document["cache"] = {"enabled": True, key: 0}
     assert f"cache.{key}" in error_of(document)
+
+
+def test_health_cooldown_zero_rejected() -> None:
+    """A cooldown of 0 is rejected, naming the key, because it makes DOWN never last."""
+    document = minimal()
+    document["health"] = {"cooldown": 0}
+    assert "health.cooldown" in error_of(document)
