@@ -63,8 +63,10 @@ class ServerConfig:
     """
     The S3 listener and the limits applied to client requests.
 
-    Sizes are in bytes and times in seconds. C{shutdown_timeout} bounds how long a stop
-    (SIGTERM) waits for requests in flight before the last metrics flush; 0 does not wait.
+    Sizes are in bytes and times in seconds. C{header_timeout} bounds how long a client may take
+    to send a complete request head (request line and headers). C{shutdown_timeout} bounds how
+    long a stop (SIGTERM) waits for requests in flight before the last metrics flush; 0 does not
+    wait.
     """
 
     listen: str = "tcp:9000"
@@ -78,6 +80,7 @@ class ServerConfig:
     access_log_json: bool = False
     virtual_host_suffixes: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
+    header_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,7 @@ def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
         shutdown_timeout=_float(
             table, "server", "shutdown_timeout", defaults.shutdown_timeout, allow_zero=True
         ),
+        header_timeout=_float(table, "server", "header_timeout", defaults.header_timeout),
     )
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IProtocolNegotiationFactory
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -268,8 +268,9 @@ class GatewayChannel(http.HTTPChannel):
     The HTTP/1.1 server protocol of the S3 listener.
 
     Differences from C{HTTPChannel}: headers over C{max_header_bytes} get 431, malformed
-    requests get an S3 XML 400, the request receives its headers before C{100 Continue} is sent,
-    and requests are counted even when they fail before the headers are complete.
+    requests get an S3 XML 400, and a head still incomplete after C{header_timeout} gets 408.
+    The request receives its headers before C{100 Continue} is sent, and requests are counted
+    even when they fail before the headers are complete.
     """
 
     requestFactory = GatewayRequest
@@ -281,11 +282,35 @@ class GatewayChannel(http.HTTPChannel):
         self.totalHeadersSize = gateway.config.server.max_header_bytes
         self.MAX_LENGTH = gateway.config.server.max_header_bytes
         self.closing = False
+        self._head_deadline: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        # The idle timeout restarts with every byte, so a client that sends a head slowly, or
+        # never ends a line, would keep the connection. A head must be complete in time.
+        if self.line_mode and not self._handlingRequest and self._head_deadline is None:
+            self._head_deadline = self.gateway.clock.callLater(
+                self.gateway.config.server.header_timeout, self._head_timed_out
+            )
         super().dataReceived(data)
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self._handlingRequest:
+            return
+        timeout = self.gateway.config.server.header_timeout
+        self.reject(408, "RequestTimeout", f"the request head was not complete within {timeout} s")
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            if self._head_deadline.active():
+                self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
 
     def lineReceived(self, line: bytes) -> None:
         if self.closing:
@@ -307,6 +332,7 @@ class GatewayChannel(http.HTTPChannel):
         super().rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
         request: Any = self.requests[-1]
         self.persistent = self.checkPersistence(request, self._version)
         request.gotLength(self.length)

@@ -448,3 +448,56 @@ def test_backend_cut_off_closes_client() -> None:
     h.channel.connectionLost(Failure(net_error.ConnectionDone()))
     assert h.requests() == Counter({("get_object", "200"): 1})
     assert h.pool.reports == [("one", "failure")]
+
+
+def test_slow_head_gets_408() -> None:
+    """A request head still incomplete after header_timeout gets 408, is counted, and closes."""
+    h = harness(header_timeout=5.0)
+    h.channel.dataReceived(b"GET /bucket/a HTTP/1.1\r\nHost: ")
+    h.clock.advance(4.9)
+    assert h.output() == b""
+    h.clock.advance(0.2)
+    assert h.output().startswith(b"HTTP/1.1 408 ")
+    assert b"<Code>RequestTimeout</Code>" in h.output()
+    assert h.transport.disconnecting
+    assert h.requests() == Counter({("other", "408"): 1})
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_bare_lf_head_times_out() -> None:
+    """A head with bare LF line endings, which never completes a line, still times out."""
+    h = harness(header_timeout=5.0)
+    h.channel.dataReceived(b"GET /bucket/a HTTP/1.1\nHost: x\n\n")
+    h.clock.advance(5.1)
+    assert h.output().startswith(b"HTTP/1.1 408 ")
+
+
+def test_complete_head_cancels_timeout() -> None:
+    """A head that completes in time leaves no timer behind, and the request is served."""
+    h = harness(pool_kind="static", header_timeout=5.0)
+    h.send("GET", "/bucket/a")
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(60)
+    h.forwarder.sent[0][2].callback(FakeResponse(200, b"late but fine"))
+    assert h.output().startswith(b"HTTP/1.1 200 ")
+    assert h.requests() == Counter({("get_object", "200"): 1})
+
+
+def test_slow_response_not_cut_by_timeout() -> None:
+    """Bytes of a next request that arrive while one is processed do not start the timer."""
+    h = harness(pool_kind="static", header_timeout=5.0)
+    h.send("GET", "/bucket/a")
+    h.channel.dataReceived(b"GET /bucket/b HTTP/1.1\r\n")
+    h.clock.advance(30)
+    assert h.output() == b""
+    h.forwarder.sent[0][2].callback(FakeResponse(200, b"first"))
+    assert h.output().startswith(b"HTTP/1.1 200 ")
+    assert b" 408 " not in h.output()
+
+
+def test_lost_connection_cancels_timeout() -> None:
+    """A connection that closes with a partial head leaves no timer behind."""
+    h = harness(header_timeout=5.0)
+    h.channel.dataReceived(b"GET /bucket/a HTTP/1.1\r\n")
+    h.channel.connectionLost(Failure(net_error.ConnectionDone()))
+    assert h.clock.getDelayedCalls() == []
