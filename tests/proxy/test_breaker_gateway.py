@@ -11,73 +11,25 @@ import tracemalloc
 from typing import Any
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
-from proxy.config import BackendConfig, parse_config
-from proxy.forward import OutgoingRequest
+from proxy.config import parse_config
 from proxy.gateway import Gateway, GatewayChannel, GatewayFactory
-from proxy.operations import RequestInfo
 from proxy.sigv4 import sign_request
-
-ACCESS_KEY = "client"
-SECRET_KEY = "client-secret"
-NOW = 1_700_000_000.0
-HOST = "127.0.0.1:9000"
-EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-
-
-class FakeFamily:
-    def labels(self, *values: str) -> FakeFamily:
-        return self
-
-    def inc(self, amount: float = 1) -> None:
-        pass
-
-    def observe(self, value: float) -> None:
-        pass
-
-
-class FakeMetrics:
-    def __init__(self) -> None:
-        self.requests_total = FakeFamily()
-        self.request_latency_seconds = FakeFamily()
-        self.backend_requests_total = FakeFamily()
-
-
-class FakeForwarder:
-    """Hands out one Deferred per attempt and keeps each request, as the Agent does."""
-
-    def __init__(self) -> None:
-        self.attempts: list[Deferred[Any]] = []
-        self.requests: list[OutgoingRequest] = []
-
-    def send(self, backend: BackendConfig, request: OutgoingRequest) -> Deferred[Any]:
-        attempt: Deferred[Any] = Deferred()
-        self.attempts.append(attempt)
-        self.requests.append(request)
-        return attempt
-
-
-class RecordingPool:
-    """Plans the one configured backend and records the reports."""
-
-    def __init__(self, backends: tuple[BackendConfig, ...]) -> None:
-        self.backends = list(backends)
-        self.reports: list[tuple[str, str]] = []
-
-    def plan(self, info: RequestInfo) -> list[BackendConfig]:
-        return list(self.backends)
-
-    def report(self, backend_id: str, outcome: str, reason: str) -> None:
-        self.reports.append((backend_id, outcome))
-
-    def attempt_started(self, backend_id: str) -> None:
-        pass
+from tests.support.gateway import (
+    ACCESS_KEY,
+    EMPTY_SHA256,
+    HOST,
+    NOW,
+    SECRET_KEY,
+    FakeForwarder,
+    FakeMetrics,
+    RecordingPool,
+)
 
 
 class OpenResponse:

@@ -7,60 +7,30 @@ out Deferreds which the test fires, so every step is driven by hand.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from proxy.config import BackendConfig, Config, parse_config
-from proxy.forward import OutgoingRequest
+from proxy.config import Config, parse_config
 from proxy.gateway import Gateway, GatewayChannel, GatewayFactory, StaticBackendPool
-from proxy.operations import RequestInfo
 from proxy.sigv4 import sign_request
-
-ACCESS_KEY = "client"
-SECRET_KEY = "client-secret"
-NOW = 1_700_000_000.0
-HOST = "127.0.0.1:9000"
-EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-
-
-class FakeChild:
-    def __init__(self, family: FakeFamily, labels: tuple[str, ...]) -> None:
-        self.family = family
-        self.labels = labels
-
-    def inc(self, amount: float = 1) -> None:
-        self.family.values[self.labels] += amount
-
-    def observe(self, value: float) -> None:
-        self.family.values[self.labels] += 1
-        self.family.observed.append((self.labels, value))
-
-
-class FakeFamily:
-    def __init__(self) -> None:
-        self.values: Counter[tuple[str, ...]] = Counter()
-        self.observed: list[tuple[tuple[str, ...], float]] = []
-
-    def labels(self, *values: str) -> FakeChild:
-        return FakeChild(self, tuple(values))
-
-
-class FakeMetrics:
-    """Records what the gateway counts, by label values."""
-
-    def __init__(self) -> None:
-        self.requests_total = FakeFamily()
-        self.request_latency_seconds = FakeFamily()
-        self.backend_requests_total = FakeFamily()
+from tests.support.gateway import (
+    ACCESS_KEY,
+    EMPTY_SHA256,
+    HOST,
+    NOW,
+    SECRET_KEY,
+    FakeForwarder,
+    FakeMetrics,
+    RecordingPool,
+)
 
 
 class FakeResponse:
@@ -82,35 +52,6 @@ class FakeResponse:
         if self.body:
             protocol.dataReceived(self.body)
         protocol.connectionLost(Failure(ResponseDone()))
-
-
-@dataclass
-class FakeForwarder:
-    """Hands out one Deferred per attempt and keeps what was sent."""
-
-    sent: list[tuple[BackendConfig, OutgoingRequest, Deferred[Any]]] = field(default_factory=list)
-
-    def send(self, backend: BackendConfig, request: OutgoingRequest) -> Deferred[Any]:
-        attempt: Deferred[Any] = Deferred()
-        self.sent.append((backend, request, attempt))
-        return attempt
-
-
-class RecordingPool:
-    """Plans every configured backend in order and records the reports."""
-
-    def __init__(self, backends: tuple[BackendConfig, ...]) -> None:
-        self.backends = list(backends)
-        self.reports: list[tuple[str, str]] = []
-
-    def plan(self, info: RequestInfo) -> list[BackendConfig]:
-        return list(self.backends)
-
-    def report(self, backend_id: str, outcome: str, reason: str) -> None:
-        self.reports.append((backend_id, outcome))
-
-    def attempt_started(self, backend_id: str) -> None:
-        pass
 
 
 def make_config(**server: Any) -> Config:
