@@ -878,7 +878,7 @@ class Exchange:
             request.responseHeaders.setRawHeaders(name, values)
         self._set_request_id_headers()
         if not self.body_done:
-            # The backend answered before the client finished sending the body.
+            # The backend responded before the client finished sending the body.
             self._prepare_early_close()
         self.status = status
         self.metric_status = status
