@@ -231,6 +231,12 @@ APPLICATION_METRICS: tuple[MetricDefinition, ...] = (
         "gauge",
         "Objects held in each proxy's cache.",
     ),
+    MetricDefinition(
+        "s3proxy_cache_invalidations_unconfirmed_total",
+        "counter",
+        "Writes answered before every subscribed proxy confirmed that it evicted the keys "
+        "(publish failed or timed out); another proxy may have served the old object.",
+    ),
 )
 
 FLUSH_FAILURES = MetricDefinition(

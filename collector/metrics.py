@@ -287,6 +287,7 @@ class Metrics:
     cache_misses_total: Counter
     cache_bytes: Gauge
     cache_entries: Gauge
+    cache_invalidations_unconfirmed_total: Counter
     metrics_flush_failures_total: Counter
     metrics_pending_series: Gauge
 
@@ -318,6 +319,9 @@ class Metrics:
         self.cache_misses_total = self._get("s3proxy_cache_misses_total", Counter)
         self.cache_bytes = self._get("s3proxy_cache_bytes", Gauge)
         self.cache_entries = self._get("s3proxy_cache_entries", Gauge)
+        self.cache_invalidations_unconfirmed_total = self._get(
+            "s3proxy_cache_invalidations_unconfirmed_total", Counter
+        )
         self.metrics_flush_failures_total = self._get(
             "s3proxy_metrics_flush_failures_total", Counter
         )

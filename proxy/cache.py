@@ -194,6 +194,9 @@ class CacheMetrics(Protocol):
     @property
     def cache_entries(self) -> _GaugeHandle: ...
 
+    @property
+    def cache_invalidations_unconfirmed_total(self) -> _CounterHandle: ...
+
 
 # ---------------------------------------------------------------------------------------------
 # The request side: which requests the cache may answer, and how.
@@ -769,8 +772,8 @@ class ObjectCache(Service):
     :param settings: the ``[cache]`` section. With ``enabled`` false :meth:`lookup` always
         returns :class:`NotCacheable` and no counter moves, but :meth:`invalidate` still
         publishes, because other proxies of the fleet may cache.
-    :param metrics: receives ``cache_hits_total``, ``cache_misses_total``, ``cache_bytes`` and
-        ``cache_entries``.
+    :param metrics: receives ``cache_hits_total``, ``cache_misses_total``, ``cache_bytes``,
+        ``cache_entries`` and ``cache_invalidations_unconfirmed_total``.
     :param clock: the time source for ``ttl`` and the coalescing timeout.
     :param bus: carries invalidations between proxies; :class:`LocalInvalidationBus` when the
         process has no Redis.
@@ -818,10 +821,13 @@ class ObjectCache(Service):
     # Service.
 
     def startService(self) -> None:
-        """Subscribe to invalidations; caching starts once the subscription is confirmed."""
+        """
+        Subscribe to invalidations; caching starts once the subscription is confirmed.
+
+        With the cache disabled, subscribe only to the confirmations of this proxy's writes.
+        """
         super().startService()
-        if self._settings.enabled:
-            self._bus.subscribe(self)
+        self._bus.subscribe(self if self._settings.enabled else None)
 
     def stopService(self) -> Deferred[None]:
         """Stop the subscription and empty the cache."""
@@ -944,7 +950,9 @@ class ObjectCache(Service):
         request.finish()
         return status
 
-    def invalidate(self, bucket: str, keys: Iterable[str] | None) -> Deferred[None]:
+    def invalidate(
+        self, bucket: str, keys: Iterable[str] | None, confirm: bool = True
+    ) -> Deferred[None]:
         """
         Evict every version of ``keys`` in ``bucket`` here and publish it to the fleet.
 
@@ -955,14 +963,22 @@ class ObjectCache(Service):
         CompleteMultipartUpload, and any other request that changes an object) starts and again
         when it completes. Fills that began before either call are not stored.
 
-        :return: a Deferred that fires with None once the message reached Redis or publishing
-            failed (logged); it never fails. Waiting for it before answering the write means
-            that a client who saw the write's response cannot read older bytes through a proxy
-            that holds its subscription.
+        :param confirm: wait until every proxy subscribed to invalidations has evicted the
+            keys. Pass False for the call at the start of a write, whose result is not awaited.
+        :return: a Deferred that fires with None once every subscribed proxy confirmed the
+            eviction, or when that failed or took longer than the bus's timeout (1 s); it never
+            fails. Waiting for it before answering the write means that a client who saw the
+            write's response cannot read older bytes through another proxy. A confirmation that
+            did not come in counts in ``cache_invalidations_unconfirmed_total``.
         """
         key_list = None if keys is None else list(keys)
         self._invalidate_local(bucket, key_list)
-        return self._bus.publish(bucket, key_list)
+        published = self._bus.publish(bucket, key_list, confirm=confirm)
+        return published.addCallback(self._count_unconfirmed, confirm)
+
+    def _count_unconfirmed(self, confirmed: bool, confirm: bool) -> None:
+        if confirm and not confirmed:
+            self._metrics.cache_invalidations_unconfirmed_total.inc()
 
     def clear(self) -> None:
         """Empty the cache; fills in progress will not store and their waiters fall back."""

@@ -1,11 +1,20 @@
 """
-Fleet-wide invalidation of cached objects over Redis pub/sub.
+Fleet-wide invalidation of cached objects over Redis pub/sub, with confirmations.
 
 Every proxy publishes the keys that a write changes on the channel
 ``{<namespace>}:cache:invalidate`` and every proxy with the cache enabled subscribes to it. A
 message is JSON::
 
-    {"origin": "<sender id>", "bucket": "photos", "keys": ["a.jpg", "b.jpg"]}
+    {"origin": "<sender id>", "bucket": "photos", "keys": ["a.jpg", "b.jpg"], "id": 17}
+
+A message with an ``id`` requests confirmations. Every subscriber evicts the keys on its
+reactor thread and then publishes ``{"origin": "<its id>", "id": 17}`` on the sender's own
+channel ``{<namespace>}:cache:confirm:<sender id>``. ``PUBLISH`` returns the number of
+subscribers that received the message, so the sender learns how many confirmations to wait for.
+Its own subscription counts too and confirms without a round trip. Once they are all in, no
+proxy holds the old entry any more, and the write's response may go to the client. Every proxy
+subscribes to its confirmation channel, also with the cache disabled, because its writes
+change what the other proxies cache.
 
 The subscriber runs in its own thread (redis-py blocks) and hands everything to the reactor thread
 with ``callFromThread``. The listener (the cache) learns three things:
@@ -22,6 +31,11 @@ Limitations:
 - A publish that fails (Redis down or unreachable from the writer only) is logged and dropped.
   Proxies that still hold their subscription keep their entries for those keys until ``ttl``
   expires.
+- The sender waits for confirmations for at most ``publish_timeout`` seconds. A subscriber that
+  is slower (a stopped or overloaded proxy) may still serve the old entry after the write's
+  response, until it gets to the message.
+- Any other client subscribed to the invalidation channel is counted by ``PUBLISH`` but never
+  confirms, so every write waits the whole timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 import redis
@@ -38,7 +53,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -50,7 +65,11 @@ __all__ = [
     "InvalidationListener",
     "LocalInvalidationBus",
     "RedisInvalidationBus",
+    "Invalidation",
+    "confirmation_channel",
+    "decode_confirmation",
     "decode_message",
+    "encode_confirmation",
     "encode_message",
     "invalidation_channel",
 ]
@@ -59,6 +78,12 @@ T = TypeVar("T")
 
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 """Run a blocking callable off the reactor thread; the Deferred fires with its result."""
+
+class _TimedReactor(Protocol):
+    def callLater(self, delay: float, function: Callable[..., Any], *args: Any) -> Any: ...
+
+    def seconds(self) -> float: ...
+
 
 PUBLISH_THREADS = 4
 """Threads of a bus's own publish pool; more only queue up behind a Redis that does not reply."""
@@ -69,40 +94,97 @@ def invalidation_channel(namespace: str) -> str:
     return f"{{{namespace}}}:cache:invalidate"
 
 
-def encode_message(origin: str, bucket: str, keys: Sequence[str] | None) -> bytes:
+def confirmation_channel(namespace: str, origin: str) -> str:
+    """Return the channel on which the proxy ``origin`` receives confirmations."""
+    return f"{{{namespace}}}:cache:confirm:{origin}"
+
+
+@dataclass(frozen=True)
+class Invalidation:
+    """
+    One decoded invalidation message.
+
+    :ivar keys: the changed keys, or None for keys that are not known (every key).
+    :ivar message_id: the sender's number for the message when it asks for confirmations,
+        else None.
+    """
+
+    origin: str
+    bucket: str
+    keys: list[str] | None
+    message_id: int | None = None
+
+
+def encode_message(
+    origin: str, bucket: str, keys: Sequence[str] | None, message_id: int | None = None
+) -> bytes:
     """Encode one invalidation message as UTF-8 JSON; ``keys`` None means every key."""
     listed = None if keys is None else list(keys)
-    return json.dumps({"origin": origin, "bucket": bucket, "keys": listed}).encode("utf-8")
+    document: dict[str, Any] = {"origin": origin, "bucket": bucket, "keys": listed}
+    if message_id is not None:
+        document["id"] = message_id
+    return json.dumps(document).encode("utf-8")
 
 
-def decode_message(payload: bytes) -> tuple[str, str, list[str] | None]:
-    """
-    Decode an invalidation message into (origin, bucket, keys), keys None for every key.
-
-    :raises ValueError: the payload is not a well-formed invalidation message.
-    """
+def _json_object(payload: bytes, what: str) -> dict[str, Any]:
     try:
         document = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"invalidation message {payload[:80]!r} is not JSON: {err}") from err
+        raise ValueError(f"{what} {payload[:80]!r} is not JSON: {err}") from err
     if not isinstance(document, dict):
-        raise ValueError(f"invalidation message {payload[:80]!r} is not a JSON object")
+        raise ValueError(f"{what} {payload[:80]!r} is not a JSON object")
+    return document
+
+
+def _message_id(document: dict[str, Any], payload: bytes, what: str) -> int | None:
+    message_id = document.get("id")
+    # bool is an int in Python, but true is no message number.
+    if message_id is not None and (type(message_id) is not int or message_id < 1):
+        raise ValueError(f"{what} {payload[:80]!r} has an 'id' that is not a positive integer")
+    return message_id
+
+
+def decode_message(payload: bytes) -> Invalidation:
+    """
+    Decode an invalidation message.
+
+    :raises ValueError: the payload is not a well-formed invalidation message.
+    """
+    what = "invalidation message"
+    document = _json_object(payload, what)
     origin = document.get("origin")
     bucket = document.get("bucket")
     keys = document.get("keys")
     if not isinstance(origin, str) or not isinstance(bucket, str):
-        raise ValueError(
-            f"invalidation message {payload[:80]!r} lacks string 'origin' or 'bucket'"
-        )
+        raise ValueError(f"{what} {payload[:80]!r} lacks string 'origin' or 'bucket'")
     if "keys" not in document:
-        raise ValueError(f"invalidation message {payload[:80]!r} has no 'keys'")
-    if keys is None:
-        return origin, bucket, None
-    if not isinstance(keys, list):
-        raise ValueError(f"invalidation message {payload[:80]!r} has no list or null 'keys'")
-    if not all(isinstance(key, str) for key in keys):
-        raise ValueError(f"invalidation message {payload[:80]!r} has a non-string key")
-    return origin, bucket, keys
+        raise ValueError(f"{what} {payload[:80]!r} has no 'keys'")
+    if keys is not None:
+        if not isinstance(keys, list):
+            raise ValueError(f"{what} {payload[:80]!r} has no list or null 'keys'")
+        if not all(isinstance(key, str) for key in keys):
+            raise ValueError(f"{what} {payload[:80]!r} has a non-string key")
+    return Invalidation(origin, bucket, keys, _message_id(document, payload, what))
+
+
+def encode_confirmation(origin: str, message_id: int) -> bytes:
+    """Encode the confirmation that ``origin`` evicted the keys of message ``message_id``."""
+    return json.dumps({"origin": origin, "id": message_id}).encode("utf-8")
+
+
+def decode_confirmation(payload: bytes) -> tuple[str, int]:
+    """
+    Decode a confirmation into (origin of the confirming proxy, message id).
+
+    :raises ValueError: the payload is not a well-formed confirmation.
+    """
+    what = "invalidation confirmation"
+    document = _json_object(payload, what)
+    origin = document.get("origin")
+    message_id = _message_id(document, payload, what)
+    if not isinstance(origin, str) or message_id is None:
+        raise ValueError(f"{what} {payload[:80]!r} lacks string 'origin' or integer 'id'")
+    return origin, message_id
 
 
 # Operations on an object key that never change the object's bytes or headers.
@@ -181,16 +263,26 @@ class InvalidationListener(Protocol):
 class InvalidationBus(Protocol):
     """Carries invalidations between the proxies of one deployment."""
 
-    def publish(self, bucket: str, keys: Sequence[str] | None) -> Deferred[None]:
+    def publish(
+        self, bucket: str, keys: Sequence[str] | None, confirm: bool = True
+    ) -> Deferred[bool]:
         """
         Tell the other proxies that ``keys`` of ``bucket`` changed (None: unknown keys).
 
-        The Deferred fires with None once the message is handed to Redis or the attempt
-        failed (failures are logged, never raised), so a caller may wait on it safely.
+        :param confirm: wait until every subscribed proxy has evicted the keys.
+        :return: a Deferred that fires with True once the message reached Redis and, with
+            ``confirm``, every subscriber confirmed it; with False when publishing failed, took
+            too long, or confirmations are missing (all logged). It never fails, so a caller
+            may wait on it safely.
         """
 
-    def subscribe(self, listener: InvalidationListener) -> None:
-        """Start delivering subscription state and invalidations to ``listener``."""
+    def subscribe(self, listener: InvalidationListener | None) -> None:
+        """
+        Start receiving confirmations, and invalidations for ``listener`` if there is one.
+
+        A proxy with the cache disabled passes None: it caches nothing, but its writes still
+        wait for the other proxies' confirmations.
+        """
 
     def close(self) -> Deferred[None]:
         """Stop the subscription; the Deferred fires when its thread has ended."""
@@ -199,17 +291,30 @@ class InvalidationBus(Protocol):
 class LocalInvalidationBus:
     """The bus of a single process without Redis: nothing to publish, always subscribed."""
 
-    def publish(self, bucket: str, keys: Sequence[str] | None) -> Deferred[None]:
-        """Do nothing: the local eviction already happened."""
-        return succeed(None)
+    def publish(
+        self, bucket: str, keys: Sequence[str] | None, confirm: bool = True
+    ) -> Deferred[bool]:
+        """Do nothing: the local eviction already happened, and there are no other proxies."""
+        return succeed(True)
 
-    def subscribe(self, listener: InvalidationListener) -> None:
+    def subscribe(self, listener: InvalidationListener | None) -> None:
         """Report the subscription as ready at once."""
-        listener.subscription_ready()
+        if listener is not None:
+            listener.subscription_ready()
 
     def close(self) -> Deferred[None]:
         """Do nothing."""
         return succeed(None)
+
+
+@dataclass
+class _Confirmations:
+    """A published message that waits for the confirmations of its subscribers."""
+
+    result: Deferred[bool]
+    # Set when Redis replies to PUBLISH; confirmations may arrive before that.
+    expected: int | None = None
+    confirmed_by: set[str] = field(default_factory=set)
 
 
 class RedisInvalidationBus:
@@ -218,9 +323,10 @@ class RedisInvalidationBus:
 
     :param client_factory: returns a new ``redis.Redis``. It is called once for publishing and
         once per subscription attempt. Use :meth:`from_url` for the production settings.
-    :param channel: the pub/sub channel, see :func:`invalidation_channel`.
-    :param origin: the id of this process; messages with this origin are ignored because the
-        local eviction already happened.
+    :param namespace: the deployment's namespace; it names the channels, see
+        :func:`invalidation_channel` and :func:`confirmation_channel`.
+    :param origin: the id of this process, unique in the deployment; messages with this
+        origin are not delivered to the listener because the local eviction already happened.
     :param reactor: delivers to the listener with ``callFromThread``.
     :param run_in_thread: runs a blocking publish; defaults to a thread pool of the bus's own
         (:data:`PUBLISH_THREADS` threads, started on the first publish, stopped by
@@ -232,16 +338,20 @@ class RedisInvalidationBus:
     :param max_backoff: upper bound in seconds of the delay between subscription attempts,
         which starts at 0.1 s and doubles.
     :param publish_timeout: seconds after which the Deferred of :meth:`publish` fires even if
-        Redis has not replied, so that a slow Redis delays writes by at most this much; None
-        waits for the Redis client's own timeouts. It needs a reactor with ``callLater``.
+        Redis has not replied or confirmations are missing, so that a slow Redis or a slow
+        proxy delays writes by at most this much; None waits without a limit. It needs a
+        reactor with ``callLater`` and ``seconds``.
     """
 
     _log = Logger()
 
+    WARNING_INTERVAL = 10.0
+    """Seconds between two warnings about missing confirmations; the ones between are counted."""
+
     def __init__(
         self,
         client_factory: Callable[[], redis.Redis],
-        channel: str,
+        namespace: str,
         origin: str,
         reactor: IReactorFromThreads,
         run_in_thread: RunInThread | None = None,
@@ -252,7 +362,9 @@ class RedisInvalidationBus:
         if ping_interval <= 0:
             raise ValueError(f"ping_interval {ping_interval!r} is invalid; it must be > 0 seconds")
         self._client_factory = client_factory
-        self._channel = channel
+        self._namespace = namespace
+        self._channel = invalidation_channel(namespace)
+        self._confirmation_channel = confirmation_channel(namespace, origin)
         self._origin = origin
         self._reactor = reactor
         self._run_in_thread = run_in_thread or self._default_run_in_thread
@@ -266,13 +378,20 @@ class RedisInvalidationBus:
         self._ready = False
         self._thread: threading.Thread | None = None
         self._publish_pool: ThreadPool | None = None
+        # Reactor thread only: whether confirmations can reach this process, and the messages
+        # that wait for them by id.
+        self._confirming = False
+        self._last_id = 0
+        self._waiting: dict[int, _Confirmations] = {}
+        self._last_warning: float | None = None
+        self._unwarned = 0
 
     @classmethod
     def from_url(
         cls, redis_url: str, namespace: str, origin: str, reactor: IReactorFromThreads
     ) -> RedisInvalidationBus:
         """
-        Build the bus for ``redis_url`` with the channel of ``namespace``.
+        Build the bus for ``redis_url`` with the channels of ``namespace``.
 
         The subscriber's client never retries by itself: redis-py would reconnect and
         resubscribe silently, and a gap in the subscription must always reach the listener.
@@ -287,7 +406,12 @@ class RedisInvalidationBus:
                 retry=Retry(NoBackoff(), 0),
             )
 
-        return cls(client_factory, invalidation_channel(namespace), origin, reactor)
+        return cls(client_factory, namespace, origin, reactor)
+
+    @property
+    def confirming(self) -> bool:
+        """Whether this process's confirmation subscription is confirmed (reactor thread)."""
+        return self._confirming
 
     def _default_run_in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
         if self._publish_pool is None:
@@ -307,39 +431,158 @@ class RedisInvalidationBus:
 
     # Publishing.
 
-    def publish(self, bucket: str, keys: Sequence[str] | None) -> Deferred[None]:
+    def publish(
+        self, bucket: str, keys: Sequence[str] | None, confirm: bool = True
+    ) -> Deferred[bool]:
         """
         Publish one message for ``keys`` of ``bucket`` from a pool thread.
 
-        The Deferred fires with None when Redis accepted the message or the publish failed; a
-        failure is logged with the bucket and the number of keys.
+        With ``confirm``, the Deferred waits for a confirmation from every subscriber that
+        received the message. It needs this process's own confirmation subscription: while
+        that is down, the message asks for no confirmations and the Deferred fires with False
+        once Redis accepted it.
         """
-        payload = encode_message(self._origin, bucket, keys)
+        key_count = "all" if keys is None else str(len(keys))
+        result: Deferred[bool] = Deferred()
+        waiting: _Confirmations | None = None
+        message_id = None
+        if confirm and self._confirming:
+            self._last_id += 1
+            message_id = self._last_id
+            waiting = self._waiting[message_id] = _Confirmations(result)
+        payload = encode_message(self._origin, bucket, keys, message_id)
 
         def send() -> int:
             return int(self._publisher.publish(self._channel, payload))
+
+        def published(receivers: int) -> None:
+            if waiting is None:
+                # Asked to confirm without a confirmation subscription: not confirmed.
+                self._settle(result, not confirm)
+                return
+            waiting.expected = receivers
+            self._check_confirmed(message_id, waiting)
 
         def failed(failure: Failure) -> None:
             self._log.warn(
                 "Publishing a cache invalidation for {count} key(s) of bucket {bucket!r} on"
                 " {channel} failed: {error}; other proxies keep their entries for these keys"
                 " until the cache ttl expires",
-                count="all" if keys is None else len(keys),
+                count=key_count,
                 bucket=bucket,
                 channel=self._channel,
                 error=failure.getErrorMessage(),
             )
+            self._settle(result, False, message_id)
 
-        published: Deferred[Any] = self._run_in_thread(send)
-        if self._publish_timeout is not None:
-            # The thread goes on and may still publish; only the caller stops waiting.
-            published.addTimeout(self._publish_timeout, cast(IReactorTime, self._reactor))
-        published.addCallbacks(lambda _receivers: None, failed)
-        return published
+        self._run_in_thread(send).addCallbacks(published, failed)
+        if self._publish_timeout is not None and not result.called:
+            timer = cast(_TimedReactor, self._reactor).callLater(
+                self._publish_timeout, self._timed_out, result, confirm, message_id, bucket,
+                key_count,
+            )
+            result.addBoth(self._cancel_timer, timer)
+        return result
+
+    @staticmethod
+    def _cancel_timer(value: T, timer: Any) -> T:
+        if timer.active():
+            timer.cancel()
+        return value
+
+    def _settle(
+        self, result: Deferred[bool], confirmed: bool, message_id: int | None = None
+    ) -> None:
+        if message_id is not None:
+            self._waiting.pop(message_id, None)
+        if not result.called:
+            result.callback(confirmed)
+
+    def _check_confirmed(self, message_id: int | None, waiting: _Confirmations) -> None:
+        if waiting.expected is not None and len(waiting.confirmed_by) >= waiting.expected:
+            self._settle(waiting.result, True, message_id)
+
+    def _timed_out(
+        self,
+        result: Deferred[bool],
+        confirm: bool,
+        message_id: int | None,
+        bucket: str,
+        key_count: str,
+    ) -> None:
+        # The publish thread goes on and may still publish; only the caller stops waiting.
+        if not confirm:
+            self._settle(result, False)
+            return
+        waiting = self._waiting.get(message_id) if message_id is not None else None
+        if waiting is None or waiting.expected is None:
+            problem = "Redis did not accept the message"
+        else:
+            problem = (
+                f"{len(waiting.confirmed_by)} of {waiting.expected} subscribers confirmed the"
+                " eviction"
+            )
+        self._warn_unconfirmed(bucket, key_count, problem)
+        self._settle(result, False, message_id)
+
+    def _warn_unconfirmed(self, bucket: str, key_count: str, problem: str) -> None:
+        """Warn at most once per WARNING_INTERVAL, with the number of warnings left out."""
+        now = cast(_TimedReactor, self._reactor).seconds()
+        if self._last_warning is not None and now - self._last_warning < self.WARNING_INTERVAL:
+            self._unwarned += 1
+            return
+        self._log.warn(
+            "Cache invalidation of {count} key(s) of bucket {bucket!r} not confirmed within"
+            " {timeout} s: {problem}. The write was answered anyway, and another proxy may"
+            " serve the old object until it catches up ({unwarned} more such writes since the"
+            " last warning). Look for a stopped or overloaded proxy, or for a client other"
+            " than a proxy subscribed to {channel}",
+            count=key_count,
+            bucket=bucket,
+            problem=problem,
+            timeout=self._publish_timeout,
+            unwarned=self._unwarned,
+            channel=self._channel,
+        )
+        self._last_warning = now
+        self._unwarned = 0
+
+    def _confirmation_received(self, origin: str, message_id: int) -> None:
+        waiting = self._waiting.get(message_id)
+        if waiting is None:
+            # Late (after the timeout) or for a message of an earlier subscription.
+            return
+        waiting.confirmed_by.add(origin)
+        self._check_confirmed(message_id, waiting)
+
+    def _confirming_changed(self, confirming: bool) -> None:
+        self._confirming = confirming
+        if not confirming:
+            # Confirmations sent while the subscription is down are lost; stop waiting.
+            for message_id, waiting in list(self._waiting.items()):
+                self._settle(waiting.result, False, message_id)
+
+    def _evict_and_confirm(self, listener: InvalidationListener, message: Invalidation) -> None:
+        """Evict on the reactor thread, then confirm, so the sender never hears it too early."""
+        listener.invalidation_received(message.bucket, message.keys)
+        if message.message_id is None:
+            return
+        channel = confirmation_channel(self._namespace, message.origin)
+        payload = encode_confirmation(self._origin, message.message_id)
+
+        def failed(failure: Failure) -> None:
+            self._log.debug(
+                "Confirming cache invalidation {message_id} to {channel} failed: {error}",
+                message_id=message.message_id,
+                channel=channel,
+                error=failure.getErrorMessage(),
+            )
+
+        self._run_in_thread(lambda: self._publisher.publish(channel, payload)).addErrback(failed)
 
     # Subscribing.
 
-    def subscribe(self, listener: InvalidationListener) -> None:
+    def subscribe(self, listener: InvalidationListener | None) -> None:
         """Start the subscriber thread; it runs until :meth:`close`."""
         if self._thread is not None:
             raise RuntimeError(f"the subscriber of {self._channel} is already running")
@@ -362,7 +605,7 @@ class RedisInvalidationBus:
             joined = self._run_in_thread(lambda: thread.join(timeout=10.0))
         return joined.addBoth(self._stop_publish_pool)
 
-    def _run(self, listener: InvalidationListener) -> None:
+    def _run(self, listener: InvalidationListener | None) -> None:
         """Subscribe, deliver, and on any error report the loss and try again (runs in a thread)."""
         delay = 0.1
         failed_attempts = 0
@@ -378,20 +621,28 @@ class RedisInvalidationBus:
                     delay = 0.1
                     failed_attempts = 0
                 failed_attempts += 1
-                self._reactor.callFromThread(listener.subscription_lost, str(err))
-                self._log_failure(err, failed_attempts, delay)
+                self._reactor.callFromThread(self._confirming_changed, False)
+                if listener is not None:
+                    self._reactor.callFromThread(listener.subscription_lost, str(err))
+                self._log_failure(err, failed_attempts, delay, listener is not None)
             self._stopping.wait(delay)
             delay = min(delay * 2, self._max_backoff)
 
-    def _log_failure(self, err: Exception, failed_attempts: int, delay: float) -> None:
+    def _log_failure(
+        self, err: Exception, failed_attempts: int, delay: float, caching: bool
+    ) -> None:
         """Warn once per outage; later attempts of the same outage log at debug level."""
         if failed_attempts == 1:
             self._log.warn(
-                "Cache invalidation subscription to {channel} lost: {error}; the cache is"
-                " emptied and stays off until the subscription is back; next attempt in"
-                " {delay:.1f} s, later ones up to {max_backoff:.1f} s apart",
-                channel=self._channel,
+                "Cache invalidation subscription to {channel} lost: {error}; {consequence};"
+                " next attempt in {delay:.1f} s, later ones up to {max_backoff:.1f} s apart",
+                channel=self._channel if caching else self._confirmation_channel,
                 error=str(err),
+                consequence=(
+                    "the cache is emptied and stays off until the subscription is back"
+                    if caching
+                    else "writes are answered without waiting for other proxies to evict"
+                ),
                 delay=delay,
                 max_backoff=self._max_backoff,
             )
@@ -403,12 +654,15 @@ class RedisInvalidationBus:
                 error=str(err),
             )
 
-    def _listen(self, listener: InvalidationListener) -> None:
+    def _listen(self, listener: InvalidationListener | None) -> None:
         """Hold one subscription until it fails or the bus closes (runs in a thread)."""
         client = self._client_factory()
         pubsub = client.pubsub()
         try:
-            pubsub.subscribe(self._channel)
+            channels = [self._confirmation_channel]
+            if listener is not None:
+                channels.append(self._channel)
+            pubsub.subscribe(*channels)
             # time.monotonic measures silence on the socket; this thread has no reactor clock.
             last_received = last_ping = time.monotonic()
             while not self._stopping.is_set():
@@ -428,22 +682,40 @@ class RedisInvalidationBus:
             pubsub.close()
             client.close()
 
-    def _dispatch(self, listener: InvalidationListener, message: dict[str, Any]) -> None:
+    def _dispatch(self, listener: InvalidationListener | None, message: dict[str, Any]) -> None:
         kind = message.get("type")
+        channel = message.get("channel")
+        if isinstance(channel, bytes):
+            channel = channel.decode("utf-8", "replace")
         if kind == "subscribe":
             self._ready = True
-            self._log.info(
-                "Cache invalidation subscription to {channel} ready", channel=self._channel
-            )
-            self._reactor.callFromThread(listener.subscription_ready)
-        elif kind == "message":
+            if channel == self._confirmation_channel:
+                self._reactor.callFromThread(self._confirming_changed, True)
+            elif listener is not None:
+                self._log.info(
+                    "Cache invalidation subscription to {channel} ready", channel=self._channel
+                )
+                self._reactor.callFromThread(listener.subscription_ready)
+        elif kind == "message" and channel == self._confirmation_channel:
             try:
-                origin, bucket, keys = decode_message(message["data"])
+                origin, message_id = decode_confirmation(message["data"])
+            except ValueError as err:
+                self._log.warn("{error}; ignored", error=str(err))
+                return
+            self._reactor.callFromThread(self._confirmation_received, origin, message_id)
+        elif kind == "message" and listener is not None:
+            try:
+                invalidation = decode_message(message["data"])
             except ValueError as err:
                 # The keys it names are unknown, so nothing cached can be trusted.
                 self._log.error("{error}; emptying the cache", error=str(err))
                 self._reactor.callFromThread(listener.subscription_lost, str(err))
                 self._reactor.callFromThread(listener.subscription_ready)
                 return
-            if origin != self._origin:
-                self._reactor.callFromThread(listener.invalidation_received, bucket, keys)
+            if invalidation.origin != self._origin:
+                self._reactor.callFromThread(self._evict_and_confirm, listener, invalidation)
+            elif invalidation.message_id is not None:
+                # The local eviction happened before the publish.
+                self._reactor.callFromThread(
+                    self._confirmation_received, self._origin, invalidation.message_id
+                )

@@ -724,7 +724,7 @@ class Exchange:
         body = b"".join(self.buffer) if self.body_mode == "buffered" else None
         self.invalidated_keys = written_keys(self.operation, self.method, self.key, body)
         if self.invalidated_keys != []:
-            cache.invalidate(self.bucket, self.invalidated_keys)
+            cache.invalidate(self.bucket, self.invalidated_keys, confirm=False)
 
     def _outgoing(self) -> OutgoingRequest:
         assert self.auth is not None

@@ -30,7 +30,6 @@ from proxy.cache_invalidation import (
     InvalidationBus,
     LocalInvalidationBus,
     RedisInvalidationBus,
-    invalidation_channel,
 )
 from proxy.config import Config, ConfigError, load_config
 from proxy.forward import Forwarder, make_agent
@@ -95,12 +94,7 @@ def _invalidation_bus(
     # Sentinel and Cluster URLs need clients that redis-py's from_url cannot build.
     if urlsplit(redis_url).scheme not in HA_SCHEMES:
         return RedisInvalidationBus.from_url(redis_url, namespace, origin, reactor)
-    return RedisInvalidationBus(
-        lambda: open_pubsub_client(redis_url),
-        invalidation_channel(namespace),
-        origin,
-        reactor,
-    )
+    return RedisInvalidationBus(lambda: open_pubsub_client(redis_url), namespace, origin, reactor)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -66,6 +66,7 @@ class FakeMetrics:
         self.cache_misses_total = FakeCounter()
         self.cache_bytes = FakeGauge()
         self.cache_entries = FakeGauge()
+        self.cache_invalidations_unconfirmed_total = FakeCounter()
 
 
 def make_auth() -> RequestAuth:
@@ -791,25 +792,55 @@ def test_fill_across_subscription_loss() -> None:
     assert len(cache) == 0
 
 
+class RecordingBus:
+    """A bus that records publishes and subscriptions; each publish fires with ``confirmed``."""
+
+    def __init__(self, confirmed: bool = True) -> None:
+        self.confirmed = confirmed
+        self.published: list[tuple[str, list[str] | None, bool]] = []
+        self.listeners: list[object] = []
+
+    def publish(self, bucket: str, keys: Iterable[str] | None, confirm: bool = True) -> Any:
+        self.published.append((bucket, None if keys is None else list(keys), confirm))
+        return succeed(self.confirmed)
+
+    def subscribe(self, listener: object) -> None:
+        self.listeners.append(listener)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
 def test_disabled_still_publishes() -> None:
-    """A proxy with the cache off still publishes invalidations for the rest of the fleet."""
-    published: list[tuple[str, list[str]]] = []
-
-    class RecordingBus:
-        def publish(self, bucket: str, keys: Iterable[str]) -> Deferred[None]:
-            published.append((bucket, list(keys)))
-            return Deferred()
-
-        def subscribe(self, listener: object) -> None:
-            raise AssertionError("a disabled cache must not subscribe")
-
-        def close(self) -> Deferred[None]:
-            return Deferred()
-
-    cache = ObjectCache(Settings(enabled=False), FakeMetrics(), Clock(), RecordingBus())
+    """A proxy with the cache off publishes invalidations and subscribes for confirmations only."""
+    bus = RecordingBus()
+    cache = ObjectCache(Settings(enabled=False), FakeMetrics(), Clock(), bus)
     cache.startService()
     cache.invalidate("bucket", ["a", "b"])
-    assert published == [("bucket", ["a", "b"])]
+    assert bus.published == [("bucket", ["a", "b"], True)]
+    assert bus.listeners == [None]
+
+
+def test_enabled_subscribes_itself() -> None:
+    """An enabled cache is the listener of its bus."""
+    bus = RecordingBus()
+    cache = ObjectCache(Settings(), FakeMetrics(), Clock(), bus)
+    cache.startService()
+    assert bus.listeners == [cache]
+
+
+@pytest.mark.parametrize(
+    ("confirm", "confirmed", "counted"),
+    [(True, True, 0), (True, False, 1), (False, False, 0), (False, True, 0)],
+)
+def test_unconfirmed_invalidations_counted(confirm: bool, confirmed: bool, counted: int) -> None:
+    """Only an invalidation that asked for confirmations and lacks them counts as unconfirmed."""
+    metrics = FakeMetrics()
+    cache = ObjectCache(Settings(), metrics, Clock(), RecordingBus(confirmed))
+    outcome: list[Any] = []
+    cache.invalidate("bucket", ["key"], confirm=confirm).addBoth(outcome.append)
+    assert outcome == [None]
+    assert metrics.cache_invalidations_unconfirmed_total.value == counted
 
 
 def test_render_head_keeps_length() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -14,8 +15,12 @@ from twisted.logger import globalLogPublisher
 
 from proxy.cache import Miss, ObjectCache
 from proxy.cache_invalidation import (
+    Invalidation,
     RedisInvalidationBus,
+    confirmation_channel,
+    decode_confirmation,
     decode_message,
+    encode_confirmation,
     encode_message,
     invalidation_channel,
     written_keys,
@@ -23,6 +28,7 @@ from proxy.cache_invalidation import (
 from tests.proxy.test_cache import AUTH, FakeMetrics, Settings, request, result, store
 
 CHANNEL = invalidation_channel("test")
+CONFIRMATIONS_B = confirmation_channel("test", "proxy-b")
 
 
 class ThreadReactor:
@@ -42,6 +48,26 @@ class ThreadReactor:
             except queue.Empty:
                 pytest.fail("the subscriber thread delivered nothing for 10 s")
             function(*args)
+
+    def run_pending(self) -> None:
+        """Run the calls delivered so far."""
+        while not self.calls.empty():
+            function, args = self.calls.get_nowait()
+            function(*args)
+
+
+class ClockReactor(ThreadReactor):
+    """A ThreadReactor whose time is a task.Clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+
+    def callLater(self, delay: float, function: Callable[..., Any], *args: Any) -> Any:
+        return self.clock.callLater(delay, function, *args)
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
 
 
 class RecordingListener:
@@ -68,16 +94,19 @@ def server() -> fakeredis.FakeServer:
 
 
 def make_bus(
-    server: fakeredis.FakeServer, origin: str, reactor: ThreadReactor
+    server: fakeredis.FakeServer,
+    origin: str,
+    reactor: ThreadReactor,
+    publish_timeout: float | None = None,
 ) -> RedisInvalidationBus:
     return RedisInvalidationBus(
         lambda: fakeredis.FakeRedis(server=server),
-        CHANNEL,
+        "test",
         origin,
         reactor,  # type: ignore[arg-type]
         run_in_thread=run_inline,
         max_backoff=0.2,
-        publish_timeout=None,
+        publish_timeout=publish_timeout,
     )
 
 
@@ -89,10 +118,25 @@ def buses(server: fakeredis.FakeServer) -> Iterator[list[RedisInvalidationBus]]:
         bus.close()
 
 
+def caching_bus(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus], origin: str
+) -> tuple[ThreadReactor, RecordingListener, RedisInvalidationBus]:
+    """Return a bus with a listener, once both of its subscriptions are confirmed."""
+    reactor = ThreadReactor()
+    listener = RecordingListener()
+    bus = make_bus(server, origin, reactor)
+    buses.append(bus)
+    bus.subscribe(listener)
+    reactor.run_until(lambda: ("ready",) in listener.events and bus.confirming)
+    return reactor, listener, bus
+
+
 def test_message_round_trip() -> None:
     """An encoded message decodes to the same origin, bucket and keys."""
     payload = encode_message("proxy-1", "photos", ["a.jpg", "ü/b"])
-    assert decode_message(payload) == ("proxy-1", "photos", ["a.jpg", "ü/b"])
+    assert decode_message(payload) == Invalidation("proxy-1", "photos", ["a.jpg", "ü/b"])
+    numbered = encode_message("proxy-1", "photos", ["a.jpg"], message_id=7)
+    assert decode_message(numbered) == Invalidation("proxy-1", "photos", ["a.jpg"], 7)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +146,9 @@ def test_message_round_trip() -> None:
         b"[]",
         b'{"origin": "p", "bucket": "b"}',
         b'{"origin": "p", "bucket": "b", "keys": [1]}',
+        b'{"origin": "p", "bucket": "b", "keys": [], "id": 0}',
+        b'{"origin": "p", "bucket": "b", "keys": [], "id": true}',
+        b'{"origin": "p", "bucket": "b", "keys": [], "id": "7"}',
     ],
 )
 def test_malformed_message_rejected(payload: bytes) -> None:
@@ -113,6 +160,22 @@ def test_malformed_message_rejected(payload: bytes) -> None:
 def test_channel_in_hash_tag() -> None:
     """The channel name carries the deployment's hash tag."""
     assert invalidation_channel("s3proxy") == "{s3proxy}:cache:invalidate"
+    assert confirmation_channel("s3proxy", "h:1") == "{s3proxy}:cache:confirm:h:1"
+
+
+def test_confirmation_round_trip() -> None:
+    """A confirmation decodes to the confirming origin and the message id."""
+    assert decode_confirmation(encode_confirmation("proxy-2", 41)) == ("proxy-2", 41)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"{}", b'{"origin": "p"}', b'{"id": 3}', b'{"origin": "p", "id": -1}', b"[1]"],
+)
+def test_malformed_confirmation_rejected(payload: bytes) -> None:
+    """A payload that is not a confirmation raises ValueError."""
+    with pytest.raises(ValueError):
+        decode_confirmation(payload)
 
 
 def test_subscriber_delivers(
@@ -137,12 +200,7 @@ def test_subscriber_reports_loss(
     server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
 ) -> None:
     """A broken connection is reported as lost, and a new subscription as ready again."""
-    reactor = ThreadReactor()
-    listener = RecordingListener()
-    bus = make_bus(server, "proxy-a", reactor)
-    buses.append(bus)
-    bus.subscribe(listener)
-    reactor.run_until(lambda: ("ready",) in listener.events)
+    reactor, listener, bus = caching_bus(server, buses, "proxy-a")
 
     server.connected = False
     reactor.run_until(lambda: ("lost",) in listener.events)
@@ -153,7 +211,7 @@ def test_subscriber_reports_loss(
 
 
 def test_publish_failure_is_logged(server: fakeredis.FakeServer) -> None:
-    """A failed publish logs a warning and still fires its Deferred with None."""
+    """A failed publish logs a warning and still fires its Deferred, with False."""
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -163,33 +221,29 @@ def test_publish_failure_is_logged(server: fakeredis.FakeServer) -> None:
         bus.publish("bucket", ["key"]).addBoth(outcome.append)
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert outcome == [None]
+    assert outcome == [False]
     assert any(event.get("bucket") == "bucket" for event in events)
 
 
 def test_publish_timeout_releases_caller() -> None:
     """A publish that Redis does not answer releases its caller after publish_timeout."""
-    clock = Clock()
+    reactor = ClockReactor()
     pending: Deferred[Any] = Deferred()
-
-    class ClockReactor(ThreadReactor):
-        def callLater(self, delay: float, function: Callable[..., Any], *args: Any) -> Any:
-            return clock.callLater(delay, function, *args)
-
     bus = RedisInvalidationBus(
         lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer()),
-        CHANNEL,
+        "test",
         "proxy-a",
-        ClockReactor(),  # type: ignore[arg-type]
+        reactor,  # type: ignore[arg-type]
         run_in_thread=lambda work: pending,
         publish_timeout=1.0,
     )
     outcome: list[Any] = []
     bus.publish("bucket", ["key"]).addBoth(outcome.append)
-    clock.advance(0.9)
+    reactor.clock.advance(0.9)
     assert outcome == []
-    clock.advance(0.1)
-    assert outcome == [None]
+    reactor.clock.advance(0.1)
+    assert outcome == [False]
+    assert reactor.clock.getDelayedCalls() == []
 
 
 def test_fleet_invalidation_evicts(
@@ -225,7 +279,7 @@ def test_cache_off_until_subscribed(server: fakeredis.FakeServer) -> None:
 
 def test_null_keys_round_trip() -> None:
     """A message for unknown keys carries null and decodes to None."""
-    assert decode_message(encode_message("p", "bucket", None)) == ("p", "bucket", None)
+    assert decode_message(encode_message("p", "bucket", None)) == Invalidation("p", "bucket", None)
 
 
 DELETE_BODY = (
@@ -296,3 +350,174 @@ def test_outage_warns_once(
         and event.get("log_namespace", "").startswith("proxy.cache_invalidation")
     ]
     assert len(warnings) == 1
+
+
+def subscribed_pair(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus], publish_timeout: float | None
+) -> tuple[ThreadReactor, RecordingListener, ClockReactor, RedisInvalidationBus]:
+    """Proxy A caches (listener), proxy B has the cache off; both subscriptions confirmed."""
+    reactor_a, listener, _bus_a = caching_bus(server, buses, "proxy-a")
+    reactor_b = ClockReactor()
+    bus_b = make_bus(server, "proxy-b", reactor_b, publish_timeout)
+    buses.append(bus_b)
+    bus_b.subscribe(None)
+    reactor_b.run_until(lambda: bus_b.confirming)
+    return reactor_a, listener, reactor_b, bus_b
+
+
+def test_publish_waits_for_eviction(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """A confirmed publish fires only after the other proxy's reactor has run the eviction."""
+    reactor_a, listener, reactor_b, bus_b = subscribed_pair(server, buses, None)
+    outcome: list[Any] = []
+    bus_b.publish("bucket", ["key"]).addBoth(outcome.append)
+
+    # A's subscriber thread hands the message to A's reactor, which has not run it yet: no
+    # confirmation can exist, whatever B's reactor does.
+    waited = 0.0
+    while reactor_a.calls.empty():
+        assert waited < 10, "proxy A's subscriber thread delivered nothing for 10 s"
+        threading.Event().wait(0.01)
+        waited += 0.01
+    reactor_b.run_pending()
+    assert outcome == []
+    assert ("invalidate", "bucket", ["key"]) not in listener.events
+
+    reactor_a.run_until(lambda: ("invalidate", "bucket", ["key"]) in listener.events)
+    reactor_b.run_until(lambda: outcome != [])
+    assert outcome == [True]
+
+
+def test_publish_confirmed_by_itself(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """A caching proxy receives its own message and confirms it without evicting again."""
+    reactor, listener, bus = caching_bus(server, buses, "proxy-a")
+    outcome: list[Any] = []
+    bus.publish("bucket", ["key"]).addBoth(outcome.append)
+    reactor.run_until(lambda: outcome != [])
+    assert outcome == [True]
+    assert listener.events == [("ready",)]
+
+
+def test_publish_without_subscribers_confirmed(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """With no proxy subscribed to invalidations, there is nothing to wait for."""
+    reactor = ClockReactor()
+    bus = make_bus(server, "proxy-b", reactor, publish_timeout=1.0)
+    buses.append(bus)
+    bus.subscribe(None)
+    reactor.run_until(lambda: bus.confirming)
+    outcome: list[Any] = []
+    bus.publish("bucket", ["key"]).addBoth(outcome.append)
+    assert outcome == [True]
+    assert reactor.clock.getDelayedCalls() == []
+
+
+def test_publish_before_subscription_unconfirmed(server: fakeredis.FakeServer) -> None:
+    """Without its confirmation subscription a bus cannot confirm; it does not wait either."""
+    bus = make_bus(server, "proxy-b", ThreadReactor())
+    listener = fakeredis.FakeRedis(server=server).pubsub()
+    listener.subscribe(CHANNEL)
+    confirmed: list[Any] = []
+    bus.publish("bucket", ["key"]).addBoth(confirmed.append)
+    unasked: list[Any] = []
+    bus.publish("bucket", ["key"], confirm=False).addBoth(unasked.append)
+    assert confirmed == [False]
+    assert unasked == [True]
+    listener.get_message(timeout=1)
+    first = listener.get_message(timeout=1)
+    assert first is not None
+    assert decode_message(first["data"]).message_id is None
+
+
+def warnings_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        event
+        for event in events
+        if event["log_level"].name == "warn"
+        and event.get("log_namespace", "").startswith("proxy.cache_invalidation")
+    ]
+
+
+def watched_writer(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> tuple[ClockReactor, RedisInvalidationBus, Any]:
+    """
+    Return a writer whose confirmation subscription is ready, and a stranger's subscription.
+
+    The stranger is a plain Redis client on the invalidation channel, not a proxy: PUBLISH
+    counts it, and it never confirms. The caller keeps it referenced to keep it subscribed.
+    """
+    reactor = ClockReactor()
+    bus = make_bus(server, "proxy-b", reactor, publish_timeout=1.0)
+    buses.append(bus)
+    bus.subscribe(None)
+    reactor.run_until(lambda: bus.confirming)
+    stranger = fakeredis.FakeRedis(server=server).pubsub()
+    stranger.subscribe(CHANNEL)
+    return reactor, bus, stranger
+
+
+def test_missing_confirmation_times_out(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """A subscriber that never confirms (not a proxy) releases the write after the timeout."""
+    reactor, bus, _stranger = watched_writer(server, buses)
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        outcomes: list[Any] = []
+        for published in range(3):
+            bus.publish("bucket", ["key"]).addBoth(outcomes.append)
+            reactor.clock.advance(0.999)
+            assert len(outcomes) == published
+            reactor.clock.advance(0.001)
+        reactor.clock.advance(RedisInvalidationBus.WARNING_INTERVAL)
+        bus.publish("bucket", ["key"]).addBoth(outcomes.append)
+        reactor.clock.advance(1.0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert outcomes == [False] * 4
+    warnings = warnings_of(events)
+    assert [event["problem"] for event in warnings] == [
+        "0 of 1 subscribers confirmed the eviction"
+    ] * 2
+    assert [event["unwarned"] for event in warnings] == [0, 2]
+
+
+def test_subscription_loss_releases_waiting_writes(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """When the confirmation subscription drops, waiting writes are released as unconfirmed."""
+    reactor, bus, _stranger = watched_writer(server, buses)
+    outcome: list[Any] = []
+    bus.publish("bucket", ["key"]).addBoth(outcome.append)
+    assert outcome == []
+
+    server.connected = False
+    reactor.run_until(lambda: not bus.confirming)
+    assert outcome == [False]
+    assert reactor.clock.getDelayedCalls() == []
+    server.connected = True
+    reactor.run_until(lambda: bus.confirming)
+
+
+def test_malformed_confirmation_ignored(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """Garbage and unknown ids on the confirmation channel neither crash nor confirm."""
+    reactor, bus, _stranger = watched_writer(server, buses)
+    outcome: list[Any] = []
+    bus.publish("bucket", ["key"]).addBoth(outcome.append)
+
+    sender = fakeredis.FakeRedis(server=server)
+    sender.publish(CONFIRMATIONS_B, b"not json")
+    sender.publish(CONFIRMATIONS_B, encode_confirmation("proxy-x", 999))
+    sender.publish(CONFIRMATIONS_B, encode_confirmation("proxy-x", 1))
+    reactor.run_until(lambda: outcome != [])
+    # The last one confirms the only subscriber, so the earlier ones were survived.
+    assert outcome == [True]

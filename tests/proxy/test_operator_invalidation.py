@@ -13,7 +13,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from proxy.cache_invalidation import PUBLISH_THREADS, RedisInvalidationBus, invalidation_channel
+from proxy.cache_invalidation import PUBLISH_THREADS, RedisInvalidationBus
 from tests.proxy.test_cache_invalidation import ThreadReactor
 
 
@@ -45,7 +45,7 @@ def test_publish_own_pool() -> None:
     reactor = PoollessReactor()
     bus = RedisInvalidationBus(
         lambda: SilentRedis(replied, threads, server=fakeredis.FakeServer()),
-        invalidation_channel("test"),
+        "test",
         "proxy-a",
         reactor,  # type: ignore[arg-type]
         publish_timeout=None,
