@@ -234,7 +234,7 @@ APPLICATION_METRICS: tuple[MetricDefinition, ...] = (
     MetricDefinition(
         "s3proxy_cache_invalidations_unconfirmed_total",
         "counter",
-        "Writes answered before every subscribed proxy confirmed that it evicted the keys "
+        "Writes answered before every caching proxy confirmed that it evicted the keys "
         "(publish failed or timed out); another proxy may have served the old object.",
     ),
 )

@@ -865,7 +865,7 @@ class ObjectCache(Service):
         except ValueError as err:
             return succeed(NotCacheable(str(err)))
 
-        if not self._subscribed:
+        if not self._subscribed or not self._bus.serving_allowed():
             if shape.method == "HEAD":
                 return succeed(NotCacheable("cache is off until the subscription is back"))
             return succeed(self._miss(shape, storing=False))
@@ -963,9 +963,9 @@ class ObjectCache(Service):
         CompleteMultipartUpload, and any other request that changes an object) starts and again
         when it completes. Fills that began before either call are not stored.
 
-        :param confirm: wait until every proxy subscribed to invalidations has evicted the
-            keys. Pass False for the call at the start of a write, whose result is not awaited.
-        :return: a Deferred that fires with None once every subscribed proxy confirmed the
+        :param confirm: wait until every caching proxy has evicted the keys. Pass False for
+            the call at the start of a write, whose result is not awaited.
+        :return: a Deferred that fires with None once every caching proxy confirmed the
             eviction, or when that failed or took longer than the bus's timeout (1 s); it never
             fails. Waiting for it before answering the write means that a client who saw the
             write's response cannot read older bytes through another proxy. A confirmation that
@@ -1021,7 +1021,7 @@ class ObjectCache(Service):
     @property
     def caching(self) -> bool:
         """Whether the cache answers and stores right now."""
-        return self._settings.enabled and self._subscribed
+        return self._settings.enabled and self._subscribed and self._bus.serving_allowed()
 
     def entries(self) -> Iterator[CachedObject]:
         """Iterate over the entries from least to most recently used."""
@@ -1130,9 +1130,14 @@ class ObjectCache(Service):
         return epoch == self._epoch and state is not None and state[0] == generation
 
     def _store(self, entry: CachedObject, token: tuple[int, int] | None, reserved: int) -> bool:
-        """Insert ``entry`` unless an invalidation or clear happened since its fill began."""
+        """
+        Insert ``entry`` unless an invalidation or clear happened since its fill began.
+
+        Nothing is stored while the bus's lease has lapsed, because an invalidation of this
+        object may be on its way; the fill's waiters then go to the backend themselves.
+        """
         self._release(reserved)
-        if token is None or not self._subscribed or not self._token_valid(entry.entry_key, token):
+        if token is None or not self.caching or not self._token_valid(entry.entry_key, token):
             return False
         self._evict(entry.entry_key)
         if not self._make_room(entry.size):

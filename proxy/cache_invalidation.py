@@ -1,62 +1,27 @@
 """
-Fleet-wide invalidation of cached objects over Redis pub/sub, with confirmations.
+The messages, channels and interfaces of fleet-wide cache invalidation.
 
-Every proxy publishes the keys that a write changes on the channel
-``{<namespace>}:cache:invalidate`` and every proxy with the cache enabled subscribes to it. A
-message is JSON::
+A write through any proxy evicts the keys it changes in every proxy of the deployment. The
+keys are published as JSON on the channel ``{<namespace>}:cache:invalidate``::
 
     {"origin": "<sender id>", "bucket": "photos", "keys": ["a.jpg", "b.jpg"], "id": 17}
 
-A message with an ``id`` requests confirmations. Every subscriber evicts the keys on its
-reactor thread and then publishes ``{"origin": "<its id>", "id": 17}`` on the sender's own
-channel ``{<namespace>}:cache:confirm:<sender id>``. ``PUBLISH`` returns the number of
-subscribers that received the message, so the sender learns how many confirmations to wait for.
-Its own subscription counts too and confirms without a round trip. Once they are all in, no
-proxy holds the old entry any more, and the write's response may go to the client. Every proxy
-subscribes to its confirmation channel, also with the cache disabled, because its writes
-change what the other proxies cache.
-
-The subscriber runs in its own thread (redis-py blocks) and hands everything to the reactor thread
-with ``callFromThread``. The listener (the cache) learns three things:
-
-- ``subscription_ready()``: the subscription is confirmed, so from now on no invalidation can be
-  missed. Sent again after every reconnect.
-- ``subscription_lost(reason)``: invalidations may have been missed from this point on.
-- ``invalidation_received(bucket, keys)``: another proxy changed these keys.
-
-Limitations:
-
-- A message published while this proxy is not subscribed is lost. The listener must treat every
-  ``subscription_lost()`` as "anything cached may be stale".
-- A publish that fails (Redis down or unreachable from the writer only) is logged and dropped.
-  Proxies that still hold their subscription keep their entries for those keys until ``ttl``
-  expires.
-- The sender waits for confirmations for at most ``publish_timeout`` seconds. A subscriber that
-  is slower (a stopped or overloaded proxy) may still serve the old entry after the write's
-  response, until it gets to the message.
-- Any other client subscribed to the invalidation channel is counted by ``PUBLISH`` but never
-  confirms, so every write waits the whole timeout.
+A message with an ``id`` requests confirmations: each proxy that caches publishes
+``{"origin": "<its id>", "id": 17}`` on the sender's channel
+``{<namespace>}:cache:confirm:<sender id>`` once it has evicted the keys.
+:mod:`proxy.invalidation_bus` carries them over Redis; :class:`LocalInvalidationBus` stands in
+for a single process without Redis.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorFromThreads
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 __all__ = [
     "InvalidationBus",
@@ -64,7 +29,6 @@ __all__ = [
     "written_keys",
     "InvalidationListener",
     "LocalInvalidationBus",
-    "RedisInvalidationBus",
     "Invalidation",
     "confirmation_channel",
     "decode_confirmation",
@@ -72,26 +36,17 @@ __all__ = [
     "encode_confirmation",
     "encode_message",
     "invalidation_channel",
+    "registry_key",
 ]
-
-T = TypeVar("T")
-
-RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
-"""Run a blocking callable off the reactor thread; the Deferred fires with its result."""
-
-class _TimedReactor(Protocol):
-    def callLater(self, delay: float, function: Callable[..., Any], *args: Any) -> Any: ...
-
-    def seconds(self) -> float: ...
-
-
-PUBLISH_THREADS = 4
-"""Threads of a bus's own publish pool; more only queue up behind a Redis that does not reply."""
-
 
 def invalidation_channel(namespace: str) -> str:
     """Return the pub/sub channel of a deployment, inside its ``{namespace}`` hash tag."""
     return f"{{{namespace}}}:cache:invalidate"
+
+
+def registry_key(namespace: str) -> str:
+    """Return the sorted set of the proxies that cache, by origin, scored by Redis time in ms."""
+    return f"{{{namespace}}}:cache:proxies"
 
 
 def confirmation_channel(namespace: str, origin: str) -> str:
@@ -131,6 +86,9 @@ def _json_object(payload: bytes, what: str) -> dict[str, Any]:
         document = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{what} {payload[:80]!r} is not JSON: {err}") from err
+    except RecursionError as err:
+        # json.loads recurses once per nesting level, so "[" * 100000 exhausts the stack.
+        raise ValueError(f"{what} {payload[:80]!r} is nested too deeply") from err
     if not isinstance(document, dict):
         raise ValueError(f"{what} {payload[:80]!r} is not a JSON object")
     return document
@@ -269,11 +227,19 @@ class InvalidationBus(Protocol):
         """
         Tell the other proxies that ``keys`` of ``bucket`` changed (None: unknown keys).
 
-        :param confirm: wait until every subscribed proxy has evicted the keys.
+        :param confirm: wait until every caching proxy has evicted the keys.
         :return: a Deferred that fires with True once the message reached Redis and, with
-            ``confirm``, every subscriber confirmed it; with False when publishing failed, took
+            ``confirm``, every caching proxy confirmed it; with False when publishing failed, took
             too long, or confirmations are missing (all logged). It never fails, so a caller
             may wait on it safely.
+        """
+
+    def serving_allowed(self) -> bool:
+        """
+        Return whether cached objects may be served now (reactor thread).
+
+        False while the bus cannot prove that it would have received every invalidation
+        published up to a moment shortly before now.
         """
 
     def subscribe(self, listener: InvalidationListener | None) -> None:
@@ -297,6 +263,10 @@ class LocalInvalidationBus:
         """Do nothing: the local eviction already happened, and there are no other proxies."""
         return succeed(True)
 
+    def serving_allowed(self) -> bool:
+        """Return True: no other process can change what this one caches."""
+        return True
+
     def subscribe(self, listener: InvalidationListener | None) -> None:
         """Report the subscription as ready at once."""
         if listener is not None:
@@ -305,417 +275,3 @@ class LocalInvalidationBus:
     def close(self) -> Deferred[None]:
         """Do nothing."""
         return succeed(None)
-
-
-@dataclass
-class _Confirmations:
-    """A published message that waits for the confirmations of its subscribers."""
-
-    result: Deferred[bool]
-    # Set when Redis replies to PUBLISH; confirmations may arrive before that.
-    expected: int | None = None
-    confirmed_by: set[str] = field(default_factory=set)
-
-
-class RedisInvalidationBus:
-    """
-    Invalidation over Redis pub/sub: publishes through a thread pool, subscribes in a thread.
-
-    :param client_factory: returns a new ``redis.Redis``. It is called once for publishing and
-        once per subscription attempt. Use :meth:`from_url` for the production settings.
-    :param namespace: the deployment's namespace; it names the channels, see
-        :func:`invalidation_channel` and :func:`confirmation_channel`.
-    :param origin: the id of this process, unique in the deployment; messages with this
-        origin are not delivered to the listener because the local eviction already happened.
-    :param reactor: delivers to the listener with ``callFromThread``.
-    :param run_in_thread: runs a blocking publish; defaults to a thread pool of the bus's own
-        (:data:`PUBLISH_THREADS` threads, started on the first publish, stopped by
-        :meth:`close`). It is not the reactor's pool, because while Redis does not reply
-        every publish holds its thread for the socket timeout (5 s), and in the reactor's
-        pool that starved name resolution, so backend connections waited behind them.
-    :param ping_interval: seconds between PINGs on an idle subscription. A subscription that
-        returns nothing, not even the PONG, for three intervals counts as lost.
-    :param max_backoff: upper bound in seconds of the delay between subscription attempts,
-        which starts at 0.1 s and doubles.
-    :param publish_timeout: seconds after which the Deferred of :meth:`publish` fires even if
-        Redis has not replied or confirmations are missing, so that a slow Redis or a slow
-        proxy delays writes by at most this much; None waits without a limit. It needs a
-        reactor with ``callLater`` and ``seconds``.
-    """
-
-    _log = Logger()
-
-    WARNING_INTERVAL = 10.0
-    """Seconds between two warnings about missing confirmations; the ones between are counted."""
-
-    def __init__(
-        self,
-        client_factory: Callable[[], redis.Redis],
-        namespace: str,
-        origin: str,
-        reactor: IReactorFromThreads,
-        run_in_thread: RunInThread | None = None,
-        ping_interval: float = 5.0,
-        max_backoff: float = 5.0,
-        publish_timeout: float | None = 1.0,
-    ) -> None:
-        if ping_interval <= 0:
-            raise ValueError(f"ping_interval {ping_interval!r} is invalid; it must be > 0 seconds")
-        self._client_factory = client_factory
-        self._namespace = namespace
-        self._channel = invalidation_channel(namespace)
-        self._confirmation_channel = confirmation_channel(namespace, origin)
-        self._origin = origin
-        self._reactor = reactor
-        self._run_in_thread = run_in_thread or self._default_run_in_thread
-        self._ping_interval = ping_interval
-        self._max_backoff = max_backoff
-        self._publish_timeout = publish_timeout
-        # Creating a client opens no connection; redis-py clients are thread-safe.
-        self._publisher = client_factory()
-        self._stopping = threading.Event()
-        # Set by the subscriber thread once the current connection's SUBSCRIBE is confirmed.
-        self._ready = False
-        self._thread: threading.Thread | None = None
-        self._publish_pool: ThreadPool | None = None
-        # Reactor thread only: whether confirmations can reach this process, and the messages
-        # that wait for them by id.
-        self._confirming = False
-        self._last_id = 0
-        self._waiting: dict[int, _Confirmations] = {}
-        self._last_warning: float | None = None
-        self._unwarned = 0
-
-    @classmethod
-    def from_url(
-        cls, redis_url: str, namespace: str, origin: str, reactor: IReactorFromThreads
-    ) -> RedisInvalidationBus:
-        """
-        Build the bus for ``redis_url`` with the channels of ``namespace``.
-
-        The subscriber's client never retries by itself: redis-py would reconnect and
-        resubscribe silently, and a gap in the subscription must always reach the listener.
-        """
-
-        def client_factory() -> redis.Redis:
-            return redis.Redis.from_url(
-                redis_url,
-                socket_connect_timeout=2.0,
-                socket_timeout=5.0,
-                socket_keepalive=True,
-                retry=Retry(NoBackoff(), 0),
-            )
-
-        return cls(client_factory, namespace, origin, reactor)
-
-    @property
-    def confirming(self) -> bool:
-        """Whether this process's confirmation subscription is confirmed (reactor thread)."""
-        return self._confirming
-
-    def _default_run_in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
-        if self._publish_pool is None:
-            self._publish_pool = ThreadPool(
-                0, PUBLISH_THREADS, name=f"cache-invalidation publish {self._channel}"
-            )
-            self._publish_pool.start()
-        return threads.deferToThreadPool(self._reactor, self._publish_pool, work)
-
-    def _stop_publish_pool(self, result: T) -> T:
-        pool, self._publish_pool = self._publish_pool, None
-        if pool is not None:
-            # Joins the pool's threads, so a publish stuck on a silent Redis delays the stop
-            # by up to the socket timeout.
-            pool.stop()
-        return result
-
-    # Publishing.
-
-    def publish(
-        self, bucket: str, keys: Sequence[str] | None, confirm: bool = True
-    ) -> Deferred[bool]:
-        """
-        Publish one message for ``keys`` of ``bucket`` from a pool thread.
-
-        With ``confirm``, the Deferred waits for a confirmation from every subscriber that
-        received the message. It needs this process's own confirmation subscription: while
-        that is down, the message asks for no confirmations and the Deferred fires with False
-        once Redis accepted it.
-        """
-        key_count = "all" if keys is None else str(len(keys))
-        result: Deferred[bool] = Deferred()
-        waiting: _Confirmations | None = None
-        message_id = None
-        if confirm and self._confirming:
-            self._last_id += 1
-            message_id = self._last_id
-            waiting = self._waiting[message_id] = _Confirmations(result)
-        payload = encode_message(self._origin, bucket, keys, message_id)
-
-        def send() -> int:
-            return int(self._publisher.publish(self._channel, payload))
-
-        def published(receivers: int) -> None:
-            if waiting is None:
-                # Asked to confirm without a confirmation subscription: not confirmed.
-                self._settle(result, not confirm)
-                return
-            waiting.expected = receivers
-            self._check_confirmed(message_id, waiting)
-
-        def failed(failure: Failure) -> None:
-            self._log.warn(
-                "Publishing a cache invalidation for {count} key(s) of bucket {bucket!r} on"
-                " {channel} failed: {error}; other proxies keep their entries for these keys"
-                " until the cache ttl expires",
-                count=key_count,
-                bucket=bucket,
-                channel=self._channel,
-                error=failure.getErrorMessage(),
-            )
-            self._settle(result, False, message_id)
-
-        self._run_in_thread(send).addCallbacks(published, failed)
-        if self._publish_timeout is not None and not result.called:
-            timer = cast(_TimedReactor, self._reactor).callLater(
-                self._publish_timeout, self._timed_out, result, confirm, message_id, bucket,
-                key_count,
-            )
-            result.addBoth(self._cancel_timer, timer)
-        return result
-
-    @staticmethod
-    def _cancel_timer(value: T, timer: Any) -> T:
-        if timer.active():
-            timer.cancel()
-        return value
-
-    def _settle(
-        self, result: Deferred[bool], confirmed: bool, message_id: int | None = None
-    ) -> None:
-        if message_id is not None:
-            self._waiting.pop(message_id, None)
-        if not result.called:
-            result.callback(confirmed)
-
-    def _check_confirmed(self, message_id: int | None, waiting: _Confirmations) -> None:
-        if waiting.expected is not None and len(waiting.confirmed_by) >= waiting.expected:
-            self._settle(waiting.result, True, message_id)
-
-    def _timed_out(
-        self,
-        result: Deferred[bool],
-        confirm: bool,
-        message_id: int | None,
-        bucket: str,
-        key_count: str,
-    ) -> None:
-        # The publish thread goes on and may still publish; only the caller stops waiting.
-        if not confirm:
-            self._settle(result, False)
-            return
-        waiting = self._waiting.get(message_id) if message_id is not None else None
-        if waiting is None or waiting.expected is None:
-            problem = "Redis did not accept the message"
-        else:
-            problem = (
-                f"{len(waiting.confirmed_by)} of {waiting.expected} subscribers confirmed the"
-                " eviction"
-            )
-        self._warn_unconfirmed(bucket, key_count, problem)
-        self._settle(result, False, message_id)
-
-    def _warn_unconfirmed(self, bucket: str, key_count: str, problem: str) -> None:
-        """Warn at most once per WARNING_INTERVAL, with the number of warnings left out."""
-        now = cast(_TimedReactor, self._reactor).seconds()
-        if self._last_warning is not None and now - self._last_warning < self.WARNING_INTERVAL:
-            self._unwarned += 1
-            return
-        self._log.warn(
-            "Cache invalidation of {count} key(s) of bucket {bucket!r} not confirmed within"
-            " {timeout} s: {problem}. The write was answered anyway, and another proxy may"
-            " serve the old object until it catches up ({unwarned} more such writes since the"
-            " last warning). Look for a stopped or overloaded proxy, or for a client other"
-            " than a proxy subscribed to {channel}",
-            count=key_count,
-            bucket=bucket,
-            problem=problem,
-            timeout=self._publish_timeout,
-            unwarned=self._unwarned,
-            channel=self._channel,
-        )
-        self._last_warning = now
-        self._unwarned = 0
-
-    def _confirmation_received(self, origin: str, message_id: int) -> None:
-        waiting = self._waiting.get(message_id)
-        if waiting is None:
-            # Late (after the timeout) or for a message of an earlier subscription.
-            return
-        waiting.confirmed_by.add(origin)
-        self._check_confirmed(message_id, waiting)
-
-    def _confirming_changed(self, confirming: bool) -> None:
-        self._confirming = confirming
-        if not confirming:
-            # Confirmations sent while the subscription is down are lost; stop waiting.
-            for message_id, waiting in list(self._waiting.items()):
-                self._settle(waiting.result, False, message_id)
-
-    def _evict_and_confirm(self, listener: InvalidationListener, message: Invalidation) -> None:
-        """Evict on the reactor thread, then confirm, so the sender never hears it too early."""
-        listener.invalidation_received(message.bucket, message.keys)
-        if message.message_id is None:
-            return
-        channel = confirmation_channel(self._namespace, message.origin)
-        payload = encode_confirmation(self._origin, message.message_id)
-
-        def failed(failure: Failure) -> None:
-            self._log.debug(
-                "Confirming cache invalidation {message_id} to {channel} failed: {error}",
-                message_id=message.message_id,
-                channel=channel,
-                error=failure.getErrorMessage(),
-            )
-
-        self._run_in_thread(lambda: self._publisher.publish(channel, payload)).addErrback(failed)
-
-    # Subscribing.
-
-    def subscribe(self, listener: InvalidationListener | None) -> None:
-        """Start the subscriber thread; it runs until :meth:`close`."""
-        if self._thread is not None:
-            raise RuntimeError(f"the subscriber of {self._channel} is already running")
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(listener,),
-            name=f"cache-invalidation {self._channel}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def close(self) -> Deferred[None]:
-        """Stop the subscriber thread and the publish pool; the Deferred fires once both ended."""
-        self._stopping.set()
-        thread = self._thread
-        self._thread = None
-        if thread is None:
-            joined: Deferred[Any] = succeed(None)
-        else:
-            joined = self._run_in_thread(lambda: thread.join(timeout=10.0))
-        return joined.addBoth(self._stop_publish_pool)
-
-    def _run(self, listener: InvalidationListener | None) -> None:
-        """Subscribe, deliver, and on any error report the loss and try again (runs in a thread)."""
-        delay = 0.1
-        failed_attempts = 0
-        while not self._stopping.is_set():
-            self._ready = False
-            try:
-                self._listen(listener)
-            except (redis.RedisError, OSError) as err:
-                if self._stopping.is_set():
-                    break
-                if self._ready:
-                    # A confirmed subscription broke, so a new outage starts here.
-                    delay = 0.1
-                    failed_attempts = 0
-                failed_attempts += 1
-                self._reactor.callFromThread(self._confirming_changed, False)
-                if listener is not None:
-                    self._reactor.callFromThread(listener.subscription_lost, str(err))
-                self._log_failure(err, failed_attempts, delay, listener is not None)
-            self._stopping.wait(delay)
-            delay = min(delay * 2, self._max_backoff)
-
-    def _log_failure(
-        self, err: Exception, failed_attempts: int, delay: float, caching: bool
-    ) -> None:
-        """Warn once per outage; later attempts of the same outage log at debug level."""
-        if failed_attempts == 1:
-            self._log.warn(
-                "Cache invalidation subscription to {channel} lost: {error}; {consequence};"
-                " next attempt in {delay:.1f} s, later ones up to {max_backoff:.1f} s apart",
-                channel=self._channel if caching else self._confirmation_channel,
-                error=str(err),
-                consequence=(
-                    "the cache is emptied and stays off until the subscription is back"
-                    if caching
-                    else "writes are answered without waiting for other proxies to evict"
-                ),
-                delay=delay,
-                max_backoff=self._max_backoff,
-            )
-        else:
-            self._log.debug(
-                "Cache invalidation subscription to {channel}: attempt {attempt} failed: {error}",
-                channel=self._channel,
-                attempt=failed_attempts,
-                error=str(err),
-            )
-
-    def _listen(self, listener: InvalidationListener | None) -> None:
-        """Hold one subscription until it fails or the bus closes (runs in a thread)."""
-        client = self._client_factory()
-        pubsub = client.pubsub()
-        try:
-            channels = [self._confirmation_channel]
-            if listener is not None:
-                channels.append(self._channel)
-            pubsub.subscribe(*channels)
-            # time.monotonic measures silence on the socket; this thread has no reactor clock.
-            last_received = last_ping = time.monotonic()
-            while not self._stopping.is_set():
-                message = pubsub.get_message(timeout=min(1.0, self._ping_interval))
-                now = time.monotonic()
-                if message is not None:
-                    last_received = now
-                    self._dispatch(listener, message)
-                elif now - last_received > 3 * self._ping_interval:
-                    raise redis.ConnectionError(
-                        f"no reply on the subscription for {now - last_received:.1f} s"
-                    )
-                if now - last_ping >= self._ping_interval:
-                    pubsub.ping()
-                    last_ping = now
-        finally:
-            pubsub.close()
-            client.close()
-
-    def _dispatch(self, listener: InvalidationListener | None, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        channel = message.get("channel")
-        if isinstance(channel, bytes):
-            channel = channel.decode("utf-8", "replace")
-        if kind == "subscribe":
-            self._ready = True
-            if channel == self._confirmation_channel:
-                self._reactor.callFromThread(self._confirming_changed, True)
-            elif listener is not None:
-                self._log.info(
-                    "Cache invalidation subscription to {channel} ready", channel=self._channel
-                )
-                self._reactor.callFromThread(listener.subscription_ready)
-        elif kind == "message" and channel == self._confirmation_channel:
-            try:
-                origin, message_id = decode_confirmation(message["data"])
-            except ValueError as err:
-                self._log.warn("{error}; ignored", error=str(err))
-                return
-            self._reactor.callFromThread(self._confirmation_received, origin, message_id)
-        elif kind == "message" and listener is not None:
-            try:
-                invalidation = decode_message(message["data"])
-            except ValueError as err:
-                # The keys it names are unknown, so nothing cached can be trusted.
-                self._log.error("{error}; emptying the cache", error=str(err))
-                self._reactor.callFromThread(listener.subscription_lost, str(err))
-                self._reactor.callFromThread(listener.subscription_ready)
-                return
-            if invalidation.origin != self._origin:
-                self._reactor.callFromThread(self._evict_and_confirm, listener, invalidation)
-            elif invalidation.message_id is not None:
-                # The local eviction happened before the publish.
-                self._reactor.callFromThread(
-                    self._confirmation_received, self._origin, invalidation.message_id
-                )

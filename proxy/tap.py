@@ -23,18 +23,15 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from collector.connection import HA_SCHEMES, open_pubsub_client
+from collector.connection import HA_SCHEMES, open_ha_client, open_pubsub_client
 from proxy.backends import BackendManager, StatusResource
 from proxy.cache import ObjectCache
-from proxy.cache_invalidation import (
-    InvalidationBus,
-    LocalInvalidationBus,
-    RedisInvalidationBus,
-)
+from proxy.cache_invalidation import InvalidationBus, LocalInvalidationBus
 from proxy.config import Config, ConfigError, load_config
 from proxy.forward import Forwarder, make_agent
 from proxy.gateway import Gateway, GatewayFactory
 from proxy.health import HttpProbe
+from proxy.invalidation_bus import RedisInvalidationBus
 from proxy.shutdown import DrainService, SequentialMultiService
 from proxy.sigv4 import sign_request
 
@@ -91,10 +88,17 @@ class _ConnectionPoolService(Service):
 def _invalidation_bus(
     redis_url: str, namespace: str, origin: str, reactor: Any
 ) -> InvalidationBus:
-    # Sentinel and Cluster URLs need clients that redis-py's from_url cannot build.
+    # Sentinel and Cluster URLs need clients that redis-py's from_url cannot build. In a
+    # cluster, subscriptions stay on one node while the registry script goes to its slot.
     if urlsplit(redis_url).scheme not in HA_SCHEMES:
         return RedisInvalidationBus.from_url(redis_url, namespace, origin, reactor)
-    return RedisInvalidationBus(lambda: open_pubsub_client(redis_url), namespace, origin, reactor)
+    return RedisInvalidationBus(
+        lambda: open_pubsub_client(redis_url),
+        namespace,
+        origin,
+        reactor,
+        command_client=open_ha_client(redis_url),
+    )
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -147,6 +147,7 @@ def test_fleet_overwrite_visible(
 
 
 UNCONFIRMED = "s3proxy_cache_invalidations_unconfirmed_total"
+HITS = "s3proxy_cache_hits_total"
 
 
 def put_count(proxy: CacheProxy) -> float:
@@ -252,6 +253,46 @@ def test_stopped_proxy_holds_writes_back(
     assert waited >= 1.0
     assert unconfirmed_after_puts(proxy_b, 3) == 1
     wait_until(lambda: read(a, bucket, "obj") == b"newer", description="proxy A to catch up")
+
+
+def test_partitioned_proxy_serves_no_old_bytes(
+    start_proxy: Callable[..., CacheProxy],
+    s3_server: MotoServer,
+    bucket: str,
+    redis_server: RedisServer,
+) -> None:
+    """
+    A proxy cut off from Redis without noticing stops serving cached bytes within its lease.
+
+    Proxy A reaches Redis through a relay that then holds every byte but keeps the connections
+    open. Redis still counts A's subscription, and A still has the old object cached. A write
+    through B waits 1 s for A, counts as unconfirmed, and a GET through A right after returns
+    the new bytes from the backend.
+    """
+    redis_relay = Relay(redis_server.port).start()
+    try:
+        proxy_a = start_proxy(f"redis://127.0.0.1:{redis_relay.port}/0")
+        proxy_b = start_proxy(redis_server.url)
+        wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 2,
+                   description="both proxies to subscribe")
+        a, b = proxy_a.client(), proxy_b.client()
+        b.put_object(Bucket=bucket, Key="obj", Body=b"old")
+        assert read(a, bucket, "obj") == b"old"
+        wait_until(lambda: read(a, bucket, "obj") == b"old" and counter(proxy_a, HITS) >= 1,
+                   description="proxy A to serve the object from its cache")
+
+        redis_relay.hold()
+        try:
+            started = time.monotonic()
+            b.put_object(Bucket=bucket, Key="obj", Body=b"new")
+            waited = time.monotonic() - started
+            assert read(a, bucket, "obj") == b"new"
+        finally:
+            redis_relay.release()
+        assert waited >= 1.0
+        assert unconfirmed_after_puts(proxy_b, 2) == 1
+    finally:
+        redis_relay.close()
 
 
 def test_delete_objects_invalidates(

@@ -804,6 +804,9 @@ class RecordingBus:
         self.published.append((bucket, None if keys is None else list(keys), confirm))
         return succeed(self.confirmed)
 
+    def serving_allowed(self) -> bool:
+        return True
+
     def subscribe(self, listener: object) -> None:
         self.listeners.append(listener)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -16,19 +17,21 @@ from twisted.logger import globalLogPublisher
 from proxy.cache import Miss, ObjectCache
 from proxy.cache_invalidation import (
     Invalidation,
-    RedisInvalidationBus,
     confirmation_channel,
     decode_confirmation,
     decode_message,
     encode_confirmation,
     encode_message,
     invalidation_channel,
+    registry_key,
     written_keys,
 )
+from proxy.invalidation_bus import RedisInvalidationBus
 from tests.proxy.test_cache import AUTH, FakeMetrics, Settings, request, result, store
 
 CHANNEL = invalidation_channel("test")
 CONFIRMATIONS_B = confirmation_channel("test", "proxy-b")
+REGISTRY = registry_key("test")
 
 
 class ThreadReactor:
@@ -99,6 +102,7 @@ def make_bus(
     reactor: ThreadReactor,
     publish_timeout: float | None = None,
 ) -> RedisInvalidationBus:
+    clock = reactor.clock.seconds if isinstance(reactor, ClockReactor) else time.monotonic
     return RedisInvalidationBus(
         lambda: fakeredis.FakeRedis(server=server),
         "test",
@@ -107,6 +111,7 @@ def make_bus(
         run_in_thread=run_inline,
         max_backoff=0.2,
         publish_timeout=publish_timeout,
+        clock=clock,
     )
 
 
@@ -347,7 +352,7 @@ def test_outage_warns_once(
         event
         for event in events
         if event["log_level"].name == "warn"
-        and event.get("log_namespace", "").startswith("proxy.cache_invalidation")
+        and event.get("log_namespace", "").startswith("proxy.invalidation_bus")
     ]
     assert len(warnings) == 1
 
@@ -401,19 +406,23 @@ def test_publish_confirmed_by_itself(
     assert listener.events == [("ready",)]
 
 
-def test_publish_without_subscribers_confirmed(
+def test_publish_without_registered_proxies_confirmed(
     server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
 ) -> None:
-    """With no proxy subscribed to invalidations, there is nothing to wait for."""
+    """With no caching proxy registered there is nothing to wait for, strangers or not."""
     reactor = ClockReactor()
     bus = make_bus(server, "proxy-b", reactor, publish_timeout=1.0)
     buses.append(bus)
     bus.subscribe(None)
     reactor.run_until(lambda: bus.confirming)
+    # A client that is not a proxy, as redis-cli SUBSCRIBE: PUBLISH counts it, the bus does not.
+    stranger = fakeredis.FakeRedis(server=server).pubsub()
+    stranger.subscribe(CHANNEL)
     outcome: list[Any] = []
     bus.publish("bucket", ["key"]).addBoth(outcome.append)
     assert outcome == [True]
     assert reactor.clock.getDelayedCalls() == []
+    assert fakeredis.FakeRedis(server=server).zcard(REGISTRY) == 0
 
 
 def test_publish_before_subscription_unconfirmed(server: fakeredis.FakeServer) -> None:
@@ -438,34 +447,36 @@ def warnings_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         event
         for event in events
         if event["log_level"].name == "warn"
-        and event.get("log_namespace", "").startswith("proxy.cache_invalidation")
+        and event.get("log_namespace", "").startswith("proxy.invalidation_bus")
     ]
 
 
-def watched_writer(
+def writer_with_ghost(
     server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
-) -> tuple[ClockReactor, RedisInvalidationBus, Any]:
+) -> tuple[ClockReactor, RedisInvalidationBus]:
     """
-    Return a writer whose confirmation subscription is ready, and a stranger's subscription.
+    Return a writer whose confirmation subscription is ready, and register a ghost proxy.
 
-    The stranger is a plain Redis client on the invalidation channel, not a proxy: PUBLISH
-    counts it, and it never confirms. The caller keeps it referenced to keep it subscribed.
+    The ghost, ``proxy-x``, is in the registry but has no subscription, like a proxy whose
+    connection Redis dropped without the proxy noticing. Its score lies an hour ahead, so it
+    does not expire during the test.
     """
     reactor = ClockReactor()
     bus = make_bus(server, "proxy-b", reactor, publish_timeout=1.0)
     buses.append(bus)
     bus.subscribe(None)
     reactor.run_until(lambda: bus.confirming)
-    stranger = fakeredis.FakeRedis(server=server).pubsub()
-    stranger.subscribe(CHANNEL)
-    return reactor, bus, stranger
+    redis_client = fakeredis.FakeRedis(server=server)
+    seconds, microseconds = redis_client.time()
+    redis_client.zadd(REGISTRY, {"proxy-x": (seconds + 3600) * 1000 + microseconds // 1000})
+    return reactor, bus
 
 
 def test_missing_confirmation_times_out(
     server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
 ) -> None:
-    """A subscriber that never confirms (not a proxy) releases the write after the timeout."""
-    reactor, bus, _stranger = watched_writer(server, buses)
+    """A registered proxy that never confirms releases the write after the timeout."""
+    reactor, bus = writer_with_ghost(server, buses)
 
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
@@ -484,16 +495,16 @@ def test_missing_confirmation_times_out(
     assert outcomes == [False] * 4
     warnings = warnings_of(events)
     assert [event["problem"] for event in warnings] == [
-        "0 of 1 subscribers confirmed the eviction"
+        "0 of 1 registered proxies confirmed the eviction; missing: proxy-x"
     ] * 2
-    assert [event["unwarned"] for event in warnings] == [0, 2]
+    assert [event["skipped"] for event in warnings] == [0, 2]
 
 
 def test_subscription_loss_releases_waiting_writes(
     server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
 ) -> None:
     """When the confirmation subscription drops, waiting writes are released as unconfirmed."""
-    reactor, bus, _stranger = watched_writer(server, buses)
+    reactor, bus = writer_with_ghost(server, buses)
     outcome: list[Any] = []
     bus.publish("bucket", ["key"]).addBoth(outcome.append)
     assert outcome == []
@@ -510,14 +521,92 @@ def test_malformed_confirmation_ignored(
     server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
 ) -> None:
     """Garbage and unknown ids on the confirmation channel neither crash nor confirm."""
-    reactor, bus, _stranger = watched_writer(server, buses)
+    reactor, bus = writer_with_ghost(server, buses)
     outcome: list[Any] = []
     bus.publish("bucket", ["key"]).addBoth(outcome.append)
 
     sender = fakeredis.FakeRedis(server=server)
     sender.publish(CONFIRMATIONS_B, b"not json")
+    sender.publish(CONFIRMATIONS_B, b"[" * 100_000)
     sender.publish(CONFIRMATIONS_B, encode_confirmation("proxy-x", 999))
     sender.publish(CONFIRMATIONS_B, encode_confirmation("proxy-x", 1))
     reactor.run_until(lambda: outcome != [])
-    # The last one confirms the only subscriber, so the earlier ones were survived.
+    # The last one confirms the only registered proxy, so the earlier ones were survived.
     assert outcome == [True]
+
+
+def test_caching_bus_registers(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """A caching proxy is in the registry while subscribed; one with the cache off never is."""
+    redis_client = fakeredis.FakeRedis(server=server)
+    _reactor, _listener, bus = caching_bus(server, buses, "proxy-a")
+    writer_reactor = ThreadReactor()
+    writer = make_bus(server, "proxy-b", writer_reactor)
+    buses.append(writer)
+    writer.subscribe(None)
+    writer_reactor.run_until(lambda: writer.confirming)
+    assert redis_client.zrange(REGISTRY, 0, -1) == [b"proxy-a"]
+
+    closed: list[Any] = []
+    bus.close().addBoth(closed.append)
+    assert closed == [None]
+    assert redis_client.zcard(REGISTRY) == 0
+
+
+def test_lease_follows_pongs(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """Serving stops when no PING sent within the lease has its PONG, and resumes after one."""
+    reactor = ClockReactor()
+    listener = RecordingListener()
+    bus = make_bus(server, "proxy-a", reactor)
+    buses.append(bus)
+    assert not bus.serving_allowed()
+    bus.subscribe(listener)
+    reactor.run_until(bus.serving_allowed)
+
+    reactor.clock.advance(0.76)
+    assert not bus.serving_allowed()
+    # The next PING carries the advanced time, and its PONG renews the lease.
+    reactor.run_until(bus.serving_allowed)
+
+    server.connected = False
+    reactor.run_until(lambda: ("lost",) in listener.events)
+    assert not bus.serving_allowed()
+
+
+def test_deeply_nested_message_survived(
+    server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
+) -> None:
+    """A message nested too deeply for json empties the cache; the subscriber goes on."""
+    reactor, listener, _bus = caching_bus(server, buses, "proxy-a")
+    sender = fakeredis.FakeRedis(server=server)
+    sender.publish(CHANNEL, b"[" * 100_000)
+    sender.publish(CHANNEL, encode_message("proxy-b", "bucket", ["after"]))
+    reactor.run_until(lambda: ("invalidate", "bucket", ["after"]) in listener.events)
+    assert listener.events[1:3] == [("lost",), ("ready",)]
+
+
+def test_unexpected_error_resubscribes(
+    server: fakeredis.FakeServer,
+    buses: list[RedisInvalidationBus],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected exception in the subscriber counts as a lost subscription."""
+    reactor, listener, _bus = caching_bus(server, buses, "proxy-a")
+    calls: list[bytes] = []
+
+    def decode_once_wrongly(payload: bytes) -> Invalidation:
+        calls.append(payload)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in decoding")
+        return decode_message(payload)
+
+    monkeypatch.setattr("proxy.invalidation_bus.decode_message", decode_once_wrongly)
+    sender = fakeredis.FakeRedis(server=server)
+    sender.publish(CHANNEL, encode_message("proxy-b", "bucket", ["first"]))
+    reactor.run_until(lambda: ("lost",) in listener.events)
+    reactor.run_until(lambda: listener.events[-1] == ("ready",))
+    sender.publish(CHANNEL, encode_message("proxy-b", "bucket", ["second"]))
+    reactor.run_until(lambda: ("invalidate", "bucket", ["second"]) in listener.events)

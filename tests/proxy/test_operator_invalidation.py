@@ -13,7 +13,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from proxy.cache_invalidation import PUBLISH_THREADS, RedisInvalidationBus
+from proxy.invalidation_bus import PUBLISH_THREADS, RedisInvalidationBus
 from tests.proxy.test_cache_invalidation import ThreadReactor
 
 

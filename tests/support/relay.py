@@ -3,7 +3,9 @@
 ``Relay(target_port)`` listens on a loopback port and copies bytes both ways between each client
 and a new connection to ``127.0.0.1:target_port``. ``stop()`` closes the listener and resets
 every open connection, so clients see connection refused or reset, as with a crashed server.
-``start()`` listens again on the same port.
+``start()`` listens again on the same port. ``hold()`` stops copying and accepting but keeps
+every connection open, as in a network partition that neither side notices, and ``release()``
+ends it.
 
 The relay also records the request line of every HTTP/1.1 request that passes towards the
 target. It finds them by pattern in the byte stream, which is exact for the S3 requests of the
@@ -67,6 +69,14 @@ class Relay:
         """Close the listener and reset every relayed connection."""
         self._run(self._close_all)
 
+    def hold(self) -> None:
+        """Stop copying bytes and accepting connections, but keep every connection open."""
+        self._run(self._hold)
+
+    def release(self) -> None:
+        """Copy and accept again after :meth:`hold`; held bytes are delivered in order."""
+        self._run(self._release)
+
     def close(self) -> None:
         """Stop and end the background thread."""
         if self._closed:
@@ -110,6 +120,17 @@ class Relay:
             self._listener = None
         for sock in list(self._peers):
             self._drop(sock, reset=True)
+
+    def _hold(self) -> None:
+        for sock in [*self._peers, self._listener]:
+            if sock is not None:
+                self._selector.unregister(sock)
+
+    def _release(self) -> None:
+        for sock in self._peers:
+            self._selector.register(sock, selectors.EVENT_READ, "peer")
+        if self._listener is not None:
+            self._selector.register(self._listener, selectors.EVENT_READ, "accept")
 
     def _loop(self) -> None:
         while not self._closed:
