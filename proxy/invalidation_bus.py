@@ -31,7 +31,14 @@ Limitations:
 - A proxy that stops (SIGKILL, a lost host) stays in the registry for ``registry_ttl``, so
   writes during that time wait the whole ``publish_timeout``.
 - The lease is measured with this host's monotonic clock and the registry with the Redis
-  server's clock; neither depends on the clocks of other proxies.
+  server's wall clock; neither depends on the clocks of other proxies. A step of the Redis
+  clock shifts the registry: backwards, a killed proxy stays registered for that much longer;
+  forwards by more than ``registry_ttl``, every proxy drops out until its next refresh, and
+  writes in between do not wait for anyone.
+- When this process cannot confirm (its own subscription is down, or publishing failed), a
+  write is held back until the timeout, so that proxies cut off at the same moment have let
+  their leases lapse. A fleet with the cache disabled everywhere skips that wait once it has
+  read an empty registry.
 """
 
 from __future__ import annotations
@@ -127,6 +134,8 @@ class _Confirmations:
     # The registered proxies, known once Redis replies; confirmations may arrive before that.
     expected: set[str] | None = None
     confirmed_by: set[str] = field(default_factory=set)
+    # Why confirming is impossible, once that is known.
+    problem: str | None = None
 
 
 class RedisInvalidationBus:
@@ -137,8 +146,8 @@ class RedisInvalidationBus:
         attempt, and once for commands unless ``command_client`` is given. Use
         :meth:`from_url` for the production settings.
     :param namespace: the deployment's namespace; it names the channels and the registry.
-    :param origin: the id of this process, unique in the deployment; messages with this
-        origin are not delivered to the listener because the local eviction already happened.
+    :param origin: the id of this process, unique in the deployment. Messages with this
+        origin are not delivered to the listener, because the local eviction already happened.
     :param reactor: delivers to the listener with ``callFromThread``.
     :param run_in_thread: runs a blocking publish; defaults to a thread pool of the bus's own
         (:data:`PUBLISH_THREADS` threads, started on the first publish, stopped by
@@ -226,6 +235,7 @@ class RedisInvalidationBus:
         self._ready = False
         self._registered = False
         self._malformed_log = _LogLimiter(self.WARNING_INTERVAL, clock)
+        self._loss_log = _LogLimiter(self.WARNING_INTERVAL, clock)
         self._thread: threading.Thread | None = None
         self._publish_pool: ThreadPool | None = None
 
@@ -236,6 +246,13 @@ class RedisInvalidationBus:
         self._waiting: dict[int, _Confirmations] = {}
         self._heard_at: float | None = None
         self._registered_at: float | None = None
+        # The start of the first registry refresh after the lease lapsed. Writers may have
+        # skipped this process before it, so only PINGs sent after it renew the lease.
+        self._registered_since: float | None = None
+        # Whether this process caches (it subscribed with a listener), and whether the registry
+        # was empty when last read; unknown counts as not empty.
+        self._caching = False
+        self._registry_empty = False
         self._unconfirmed_log = _LogLimiter(self.WARNING_INTERVAL, clock)
         self._publish_failure_log = _LogLimiter(self.WARNING_INTERVAL, clock)
 
@@ -246,8 +263,10 @@ class RedisInvalidationBus:
         """
         Build the bus for ``redis_url`` with the channels of ``namespace``.
 
-        The subscriber's client never retries by itself: redis-py would reconnect and
-        resubscribe silently, and a gap in the subscription must always reach the listener.
+        The clients are built without retries, so every connection error reaches this class
+        and a gap in the subscription always reaches the listener. While handling the error,
+        redis-py 8 still reconnects and subscribes once on the connection that is then
+        closed.
         """
 
         def client_factory() -> redis.Redis:
@@ -270,8 +289,13 @@ class RedisInvalidationBus:
         """Return whether the lease holds: cached objects may be served now (reactor thread)."""
         if self._heard_at is None or self._registered_at is None:
             return False
+        assert self._registered_since is not None
         now = self._clock()
-        return now - self._heard_at <= self._lease and now - self._registered_at <= self._lease
+        return (
+            now - self._heard_at <= self._lease
+            and now - self._registered_at <= self._lease
+            and self._heard_at >= self._registered_since
+        )
 
     def _default_run_in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
         if self._publish_pool is None:
@@ -298,22 +322,29 @@ class RedisInvalidationBus:
         Publish one message for ``keys`` of ``bucket`` from a pool thread.
 
         With ``confirm``, the Deferred waits for a confirmation from every proxy in the
-        registry. It needs this process's own confirmation subscription: while that is down,
-        the message requests no confirmations and the Deferred fires with False once Redis
-        accepted it.
+        registry, which needs this process's own confirmation subscription. When confirming is
+        impossible (that subscription is down, or publishing failed), the Deferred fires with
+        False only at the timeout. By then every proxy cut off from Redis has let its lease
+        lapse, so holding the write back keeps such a proxy from serving the old bytes to the
+        writer's client. There is no hold when nothing can be cached: this proxy's cache is
+        disabled and the registry was empty when last read.
         """
         key_count = "all" if keys is None else str(len(keys))
         result: Deferred[bool] = Deferred()
         waiting: _Confirmations | None = None
         message_id = None
-        if confirm and self._confirming:
-            self._last_id += 1
-            message_id = self._last_id
-            waiting = self._waiting[message_id] = _Confirmations(result)
+        if confirm:
+            waiting = _Confirmations(result)
+            if self._confirming:
+                self._last_id += 1
+                message_id = self._last_id
+                self._waiting[message_id] = waiting
+            else:
+                waiting.problem = "the writer's own confirmation subscription is down"
         payload = encode_message(self._origin, bucket, keys, message_id)
 
         def send() -> set[str] | None:
-            if waiting is None:
+            if message_id is None:
                 self._commands.publish(self._channel, payload)
                 return None
             _receivers, members = self._publish_script(
@@ -326,13 +357,23 @@ class RedisInvalidationBus:
 
         def published(registered: set[str] | None) -> None:
             if waiting is None:
-                # Asked to confirm without a confirmation subscription: not confirmed.
-                self._settle(result, not confirm)
-                return
-            waiting.expected = registered
-            self._check_confirmed(message_id, waiting)
+                self._settle(result, True)
+            elif registered is None:
+                self._give_up(waiting)
+            else:
+                self._registry_empty = not registered
+                waiting.expected = registered
+                self._check_confirmed(message_id, waiting)
 
         def failed(failure: Failure) -> None:
+            error = failure.getErrorMessage()
+            if waiting is not None:
+                waiting.problem = f"publishing failed: {error}"
+                if message_id is not None:
+                    self._waiting.pop(message_id, None)
+                if self._give_up(waiting):
+                    # The timeout warns, with this problem.
+                    return
             skipped = self._publish_failure_log.allow()
             if skipped is not None:
                 self._log.warn(
@@ -343,19 +384,32 @@ class RedisInvalidationBus:
                     count=key_count,
                     bucket=bucket,
                     channel=self._channel,
-                    error=failure.getErrorMessage(),
+                    error=error,
                     skipped=skipped,
                 )
-            self._settle(result, False, message_id)
+            self._settle(result, False)
 
         self._run_in_thread(send).addCallbacks(published, failed)
         if self._publish_timeout is not None and not result.called:
             timer = cast(_TimedReactor, self._reactor).callLater(
-                self._publish_timeout, self._timed_out, result, confirm, message_id, bucket,
+                self._publish_timeout, self._timed_out, waiting, result, message_id, bucket,
                 key_count,
             )
             result.addBoth(self._cancel_timer, timer)
         return result
+
+    def _give_up(self, waiting: _Confirmations) -> bool:
+        """
+        Fire a confirmation request that cannot succeed with False, or leave it to the timeout.
+
+        :return: True when the timeout fires it, because a cut-off proxy may still cache.
+        """
+        holding = self._publish_timeout is not None and (
+            self._caching or not self._registry_empty
+        )
+        if not holding:
+            self._settle(waiting.result, False)
+        return holding
 
     @staticmethod
     def _cancel_timer(value: T, timer: Any) -> T:
@@ -377,18 +431,19 @@ class RedisInvalidationBus:
 
     def _timed_out(
         self,
+        waiting: _Confirmations | None,
         result: Deferred[bool],
-        confirm: bool,
         message_id: int | None,
         bucket: str,
         key_count: str,
     ) -> None:
         # The publish thread goes on and may still publish; only the caller stops waiting.
-        if not confirm:
+        if waiting is None:
             self._settle(result, False)
             return
-        waiting = self._waiting.get(message_id) if message_id is not None else None
-        if waiting is None or waiting.expected is None:
+        if waiting.problem is not None:
+            problem = waiting.problem
+        elif waiting.expected is None:
             problem = "Redis did not accept the message"
         else:
             missing = sorted(waiting.expected - waiting.confirmed_by)
@@ -447,15 +502,22 @@ class RedisInvalidationBus:
         self._confirming = False
         self._heard_at = None
         self._registered_at = None
+        self._registered_since = None
         # Confirmations sent while the subscription is down are lost; stop waiting for them.
-        for message_id, waiting in list(self._waiting.items()):
-            self._settle(waiting.result, False, message_id)
+        waiting_list = list(self._waiting.values())
+        self._waiting.clear()
+        for waiting in waiting_list:
+            waiting.problem = "the writer's own confirmation subscription was lost"
+            self._give_up(waiting)
 
     def _heard(self, ping_sent_at: float) -> None:
         if self._heard_at is None or ping_sent_at > self._heard_at:
             self._heard_at = ping_sent_at
 
     def _registration_refreshed(self, started_at: float) -> None:
+        if self._registered_at is None or started_at - self._registered_at > self._lease:
+            # Writers may have skipped this process since its lease lapsed.
+            self._registered_since = started_at
         if self._registered_at is None or started_at > self._registered_at:
             self._registered_at = started_at
 
@@ -465,6 +527,7 @@ class RedisInvalidationBus:
         """Start the subscriber thread; it runs until :meth:`close`."""
         if self._thread is not None:
             raise RuntimeError(f"the subscriber of {self._channel} is already running")
+        self._caching = listener is not None
         self._thread = threading.Thread(
             target=self._run,
             args=(listener,),
@@ -518,11 +581,16 @@ class RedisInvalidationBus:
     def _log_failure(
         self, err: Exception, failed_attempts: int, delay: float, caching: bool
     ) -> None:
-        """Warn once per outage; later attempts of the same outage log at debug level."""
-        if failed_attempts == 1:
+        """
+        Warn once per outage, and at most once per WARNING_INTERVAL when outages follow each
+        other; everything else logs at debug level.
+        """
+        skipped = self._loss_log.allow() if failed_attempts == 1 else None
+        if skipped is not None:
             self._log.warn(
                 "Cache invalidation subscription to {channel} lost: {error}; {consequence};"
-                " next attempt in {delay:.1f} s, later ones up to {max_backoff:.1f} s apart",
+                " next attempt in {delay:.1f} s, later ones up to {max_backoff:.1f} s apart"
+                " ({skipped} more losses since the last warning)",
                 channel=self._channel if caching else self._confirmation_channel,
                 error=str(err),
                 consequence=(
@@ -532,6 +600,7 @@ class RedisInvalidationBus:
                 ),
                 delay=delay,
                 max_backoff=self._max_backoff,
+                skipped=skipped,
             )
         else:
             self._log.debug(
@@ -550,21 +619,21 @@ class RedisInvalidationBus:
             if listener is not None:
                 channels.append(self._channel)
             pubsub.subscribe(*channels)
-            # The PONG comes after the confirmations of the SUBSCRIBE, and starts the lease.
-            pubsub.ping(f"{_PING_PREFIX}{self._clock()!r}")
             # time.monotonic paces the loop; the lease uses self._clock, which tests control.
             last_received = last_ping = last_refresh = time.monotonic()
             while not self._stopping.is_set():
                 message = pubsub.get_message(timeout=self._ping_interval)
                 now = time.monotonic()
+                ping_now = False
                 if message is not None:
                     last_received = now
-                    self._dispatch(listener, message)
+                    # A first registration starts the lease with a PING sent after it.
+                    ping_now = self._dispatch(listener, message)
                 elif now - last_received > self._loss_timeout:
                     raise redis.ConnectionError(
                         f"no reply on the subscription for {now - last_received:.1f} s"
                     )
-                if now - last_ping >= self._ping_interval:
+                if ping_now or now - last_ping >= self._ping_interval:
                     pubsub.ping(f"{_PING_PREFIX}{self._clock()!r}")
                     last_ping = now
                 if self._registered and now - last_refresh >= self._ping_interval:
@@ -595,7 +664,8 @@ class RedisInvalidationBus:
                 error=str(err),
             )
 
-    def _dispatch(self, listener: InvalidationListener | None, message: dict[str, Any]) -> None:
+    def _dispatch(self, listener: InvalidationListener | None, message: dict[str, Any]) -> bool:
+        """Hand one message to the reactor; return True right after the first registration."""
         kind = message.get("type")
         channel = message.get("channel")
         if isinstance(channel, bytes):
@@ -614,12 +684,13 @@ class RedisInvalidationBus:
                     "Cache invalidation subscription to {channel} ready", channel=self._channel
                 )
                 self._reactor.callFromThread(listener.subscription_ready)
+                return True
         elif kind == "message" and channel == self._confirmation_channel:
             try:
                 origin, message_id = decode_confirmation(message["data"])
             except ValueError as err:
                 self._log_malformed(str(err), "ignored")
-                return
+                return False
             self._reactor.callFromThread(self._confirmation_received, origin, message_id)
         elif kind == "message" and listener is not None:
             try:
@@ -629,7 +700,7 @@ class RedisInvalidationBus:
                 self._log_malformed(str(err), "emptying the cache")
                 self._reactor.callFromThread(listener.subscription_lost, str(err))
                 self._reactor.callFromThread(listener.subscription_ready)
-                return
+                return False
             if invalidation.origin != self._origin:
                 self._reactor.callFromThread(self._evict_and_confirm, listener, invalidation)
             elif invalidation.message_id is not None:
@@ -637,9 +708,10 @@ class RedisInvalidationBus:
                 self._reactor.callFromThread(
                     self._confirmation_received, self._origin, invalidation.message_id
                 )
+        return False
 
     def _pong_received(self, data: Any) -> None:
-        """Extend the lease to the send time of the PING that this PONG answers."""
+        """Extend the lease to the send time of the PING that this PONG replies to."""
         if isinstance(data, bytes):
             data = data.decode("utf-8", "replace")
         if not isinstance(data, str) or not data.startswith(_PING_PREFIX):
