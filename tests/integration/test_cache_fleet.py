@@ -131,10 +131,7 @@ def test_fleet_overwrite_visible(
     start_proxy: Callable[..., CacheProxy], bucket: str, redis_server: RedisServer
 ) -> None:
     """An overwrite through proxy B is what proxy A returns right after B's response."""
-    proxy_a = start_proxy(redis_server.url)
-    proxy_b = start_proxy(redis_server.url)
-    wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 2,
-               description="both proxies to subscribe")
+    proxy_a, proxy_b = two_subscribed_proxies(start_proxy, redis_server)
     a, b = proxy_a.client(), proxy_b.client()
     a.put_object(Bucket=bucket, Key="obj", Body=b"old")
     assert read(a, bucket, "obj") == b"old"
@@ -220,8 +217,8 @@ def test_stopped_proxy_holds_writes_back(
     A write waits for every caching proxy's eviction, for at most 1 s.
 
     Proxy A is stopped (SIGSTOP) while it caches the object. A write through B that A confirms
-    after it resumes is answered then, and counts as confirmed. A write while A stays stopped
-    is answered after the 1 s timeout and counts in the unconfirmed counter.
+    after it resumes gets its response then, and counts as confirmed. A write while A stays
+    stopped gets its response after the 1 s timeout and counts in the unconfirmed counter.
     """
     proxy_a, proxy_b = two_subscribed_proxies(start_proxy, redis_server)
     a, b = proxy_a.client(), proxy_b.client()
@@ -264,10 +261,10 @@ def test_partitioned_proxy_serves_no_old_bytes(
     """
     A proxy cut off from Redis without noticing stops serving cached bytes within its lease.
 
-    Proxy A reaches Redis through a relay that then holds every byte but keeps the connections
-    open. Redis still counts A's subscription, and A still has the old object cached. A write
-    through B waits 1 s for A, counts as unconfirmed, and a GET through A right after returns
-    the new bytes from the backend.
+    Proxy A reaches Redis through a relay that then stops copying bytes but keeps the
+    connections open. Redis still counts A's subscription, and A still has the old object
+    cached. A write through B waits 1 s for A and counts as unconfirmed. A GET through A right
+    after returns the new bytes from the backend.
     """
     redis_relay = Relay(redis_server.port).start()
     try:
@@ -299,10 +296,7 @@ def test_delete_objects_invalidates(
     start_proxy: Callable[..., CacheProxy], bucket: str, redis_server: RedisServer
 ) -> None:
     """DeleteObjects through proxy B evicts the keys it names from proxy A."""
-    proxy_a = start_proxy(redis_server.url)
-    proxy_b = start_proxy(redis_server.url)
-    wait_until(lambda: redis_server.client().pubsub_numsub(CHANNEL)[0][1] == 2,
-               description="both proxies to subscribe")
+    proxy_a, proxy_b = two_subscribed_proxies(start_proxy, redis_server)
     a, b = proxy_a.client(), proxy_b.client()
     a.put_object(Bucket=bucket, Key="gone", Body=b"cached")
     assert read(a, bucket, "gone") == b"cached"
