@@ -1134,7 +1134,7 @@ class ObjectCache(Service):
         Insert ``entry`` unless an invalidation or clear happened since its fill began.
 
         Nothing is stored while the bus's lease has lapsed, because an invalidation of this
-        object may be on its way; the fill's waiters then go to the backend themselves.
+        object may be on its way. The fill's waiters then go to the backend themselves.
         """
         self._release(reserved)
         if token is None or not self.caching or not self._token_valid(entry.entry_key, token):

@@ -531,7 +531,7 @@ def test_subscription_loss_releases_waiting_writes(
 
 
 def test_unconfirmable_write_held_back(server: fakeredis.FakeServer) -> None:
-    """A write that cannot be confirmed is answered at the timeout, not at once."""
+    """A write that cannot be confirmed fires its Deferred at the timeout, not at once."""
     reactor = ClockReactor()
     bus = make_bus(server, "proxy-b", reactor, publish_timeout=1.0)
     outcome: list[Any] = []
@@ -545,7 +545,7 @@ def test_unconfirmable_write_held_back(server: fakeredis.FakeServer) -> None:
 def test_cacheless_fleet_not_held_back(
     server: fakeredis.FakeServer, buses: list[RedisInvalidationBus]
 ) -> None:
-    """With its cache off and an empty registry, a writer whose publish fails answers at once."""
+    """With its cache off and an empty registry, a failed publish fires False at once."""
     reactor, bus = confirming_writer(server, buses)
     confirmed: list[Any] = []
     bus.publish("bucket", ["key"]).addBoth(confirmed.append)
